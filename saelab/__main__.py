@@ -1,0 +1,65 @@
+"""`python -m saelab [overrides]`: compose the config with Hydra and run its recipe."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def _add_searchpath(argv: list[str]) -> list[str]:
+    """Make the top-level `sweeps/` folder a config group (+sweeps=NAME) wherever saelab is run from."""
+    if any(a.startswith("hydra.searchpath") for a in argv):
+        return argv
+    return [*argv, f"hydra.searchpath=[file://{ROOT}]"]
+
+
+def friendly_error(exc: BaseException) -> str:
+    """The innermost cause of an exception, as one line a user can act on."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        nxt = exc.__cause__ or exc.__context__
+        if type(exc).__name__ != "InstantiationException" and not str(exc).startswith("Error in call to target"):
+            break
+        exc = nxt
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_recipe(cfg: DictConfig):
+    try:
+        module = importlib.import_module(f"saelab.recipes.{cfg.recipe}")
+    except ModuleNotFoundError as e:
+        available = sorted(p.stem for p in (ROOT / "saelab" / "recipes").glob("*.py") if p.stem != "__init__")
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; available: {', '.join(available)}") from e
+    return module.run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+def main(cfg: DictConfig):
+    os.environ.setdefault("SAELAB_ROOT", str(ROOT))
+    try:
+        results = run_recipe(cfg)
+    except KeyboardInterrupt:
+        print("saelab: interrupted; resume with `resume=auto hydra.run.dir=<this run dir>`.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback
+        if os.environ.get("SAELAB_DEBUG"):
+            raise
+        print(f"saelab: error: {friendly_error(e)}\n(set SAELAB_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    metric = cfg.get("optimized_metric")
+    if metric and isinstance(results, dict):
+        value = results.get("metrics", {}).get(metric)
+        return float(value) if value is not None else None
+    return None
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *_add_searchpath(sys.argv[1:])]
+    main()

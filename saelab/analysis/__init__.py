@@ -1,0 +1,1 @@
+"""Analyses of trained SAEs and the plots that show them."""

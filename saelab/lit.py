@@ -1,0 +1,134 @@
+"""`LitSAE`: the LightningModule where an SAE meets its objective.
+
+One training step reads top to bottom: x → sae(x) → objective(out, sae, state) → backward; around it
+the module owns what belongs to training, not to the model: the dead-latent token counter, the
+unit-norm decoder constraint (with the parallel gradient removed), b_dec's data-dependent init and
+metric logging. Validation streams L0 / explained variance / dead fraction over the val set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from saelab.eval.metrics import L0, DeadFraction, ExplainedVariance
+from saelab.objectives import Objective
+from saelab.types import SAEOutput, TrainState
+
+
+def batch_acts(batch) -> Tensor:
+    """The [batch, d_in] activations of a batch: the tensor itself, or its "acts" entry."""
+    if isinstance(batch, Mapping):
+        return batch["acts"]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+class LitSAE(pl.LightningModule):
+    """Trains `sae` on `objective`.
+
+    Args:
+        sae: the SAE module (any of `saelab.sae`).
+        objective: the `Objective` (named loss terms).
+        optimizer: a partial optimiser constructor, called with the trainable parameters.
+        scheduler: optional partial LR scheduler constructor, called with the optimiser (stepped per step).
+        dead_window_tokens: a latent is dead once it has not fired for this many training tokens (Gao et al.).
+        seed: seeds the per-step randomness of loss terms (random chunks, prefixes).
+        log_every: log training scalars every n steps.
+    """
+
+    def __init__(
+        self,
+        sae: nn.Module,
+        objective: Objective,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        dead_window_tokens: int = 10_000_000,
+        seed: int = 0,
+        log_every: int = 10,
+    ) -> None:
+        super().__init__()
+        self.sae, self.objective = sae, objective
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.dead_window_tokens, self.seed, self.log_every = int(dead_window_tokens), int(seed), int(log_every)
+        # tokens since each latent last fired; part of the state dict, so resume keeps it
+        self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
+        self.val_l0, self.val_ev = L0(), ExplainedVariance(sae.d_in)
+        self.val_dead = DeadFraction(sae.d_sae)
+
+    # ------------------------------------------------------------------ training
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x = batch_acts(batch)
+        if self.global_step == 0:
+            self.sae.init_b_dec(x)
+        state = TrainState(step=self.global_step, seed=self.seed, dead_mask=self.dead_mask())
+        out: SAEOutput = self.sae(x)
+        loss, logs = self.objective(out, self.sae, state)
+        self._count_firing(out, x.shape[0])
+        if self.global_step % self.log_every == 0:
+            with torch.no_grad():
+                y = out.y.float()
+                ev = 1 - (y - out.x_hat.float()).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+                logs["metrics/l0"] = out.l0.mean()
+                logs["metrics/explained_variance"] = ev
+                logs["sparsity/dead_frac"] = self.dead_mask().float().mean()
+            self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=x.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def _count_firing(self, out: SAEOutput, n_tokens: int) -> None:
+        fired = self._fired_counts(out) > 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            f = fired.to(torch.int32)
+            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
+            fired = f.bool()
+            n_tokens *= torch.distributed.get_world_size()
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    def _fired_counts(self, out: SAEOutput) -> Tensor:
+        if out.sparse is not None:
+            nz = out.sparse.vals != 0
+            return torch.bincount(out.sparse.cols[nz], minlength=self.sae.d_sae)
+        return (out.codes != 0).sum(0)
+
+    def on_after_backward(self) -> None:
+        self.sae.remove_parallel_decoder_grad()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.sae.set_decoder_norm_to_unit()
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x = batch_acts(batch)
+        out: SAEOutput = self.sae(x)
+        self.val_l0.update(out.l0)
+        self.val_ev.update(out.y, out.x_hat)
+        self.val_dead.update(self._fired_counts(out), x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(
+            {
+                "val/l0": self.val_l0.compute(),
+                "val/explained_variance": self.val_ev.compute(),
+                "val/dead_frac": self.val_dead.compute(),
+            }
+        )
+        for m in (self.val_l0, self.val_ev, self.val_dead):
+            m.reset()
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        params = [p for p in self.sae.parameters() if p.requires_grad]
+        opt = self.optimizer_fn(params)
+        if self.scheduler_fn is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt), "interval": "step"}}

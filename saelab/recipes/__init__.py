@@ -1,0 +1,1 @@
+"""Recipes: plain `run(cfg) -> results` pipelines, chosen by `recipe:` in the config."""

@@ -1,0 +1,192 @@
+"""The sparse autoencoder: linear encoder, pluggable activation, linear decoder. No loss inside.
+
+π(x) = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc,   f = σ(π),   x̂ = f W_dec + b_dec
+
+Weights use the SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_in] (rows are latent
+directions), so exports need no transposes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from saelab.sae.kernels import SparseEncode, row_offsets, sparse_decode
+from saelab.types import SAEOutput, SparseCodes
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder over activations of width `d_in` with `d_sae` latents.
+
+    Args:
+        d_in: input width (the host's hidden size at the hook point).
+        d_sae: number of latents.
+        activation: one of `saelab.sae.activations` (ReLU, TopK, BatchTopK, JumpReLU).
+        apply_b_dec_to_input: subtract b_dec before encoding (SAELens `apply_b_dec_to_input`).
+        normalize_decoder: keep decoder rows at unit norm; the trainer also removes the gradient
+            component parallel to each row before every optimiser step.
+        init_encoder_as_decoder_t: initialise W_enc = W_decᵀ (Gao et al. 2024).
+        decoder_init_norm: norm of the initial decoder rows (1.0; 0.1 is the Anthropic heuristic).
+        b_dec_init: "geometric_median", "mean" or "zeros"; data-dependent inits are applied by the
+            trainer on the first batch (`init_b_dec`).
+        init_from: a saelab/SAELens export directory whose weights initialise this SAE (fine-tuning).
+        seed: seed of the weight initialisation, independent of the global RNG.
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        activation: nn.Module,
+        apply_b_dec_to_input: bool = True,
+        normalize_decoder: bool = True,
+        init_encoder_as_decoder_t: bool = True,
+        decoder_init_norm: float = 1.0,
+        b_dec_init: str = "geometric_median",
+        init_from: str | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        if d_in is None or int(d_in) < 1:
+            raise ValueError(
+                f"SAE needs a positive d_in, got {d_in!r}: set data.d_in (or sae.d_in) to the activation width."
+            )
+        if d_sae < 1:
+            raise ValueError(f"SAE needs d_sae >= 1, got {d_sae}.")
+        if b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"b_dec_init must be geometric_median, mean or zeros, got {b_dec_init!r}.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        self.d_in, self.d_sae = int(d_in), int(d_sae)
+        self.activation = activation
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.normalize_decoder = normalize_decoder
+        self.b_dec_init = b_dec_init
+        dt = _DTYPES[dtype]
+
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(self.d_sae, self.d_in, generator=g, dtype=torch.float32)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * decoder_init_norm
+        W_enc = W_dec.t().clone() if init_encoder_as_decoder_t else torch.randn(self.d_in, self.d_sae, generator=g)
+        if not init_encoder_as_decoder_t:
+            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * decoder_init_norm
+        self.W_enc = nn.Parameter(W_enc.to(dt))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae, dtype=dt))
+        self.W_dec = nn.Parameter(W_dec.to(dt))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in, dtype=dt))
+        # False until b_dec has been set from data (or loaded): saved, so a resumed run does not redo it.
+        self.register_buffer("b_dec_initialized", torch.tensor(b_dec_init == "zeros"))
+        if init_from is not None:
+            self.load_weights(init_from)
+
+    # ------------------------------------------------------------------ forward
+    def encode_pre(self, x: Float[Tensor, "batch d_in"], latents: Int[Tensor, " n"] | None = None) -> Tensor:
+        """Pre-activations π for all latents, or only for `latents` (with gradient)."""
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        if latents is None:
+            return x_in @ self.W_enc + self.b_enc
+        return x_in @ self.W_enc[:, latents] + self.b_enc[latents]
+
+    def encode(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
+        """Dense latent codes f(x)."""
+        return self(x).codes
+
+    def decode(self, codes: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_in"]:
+        return codes @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "batch d_in"]) -> SAEOutput:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"SAE expects inputs of width d_in={self.d_in}, got {tuple(x.shape)}: "
+                "the data source and sae.d_in disagree."
+            )
+        x = x.to(self.W_enc.dtype)
+        if not getattr(self.activation, "sparse", False):
+            pre = self.encode_pre(x)
+            codes = self.activation(pre)
+            return SAEOutput(x=x, x_hat=self.decode(codes), pre_acts=pre, dense=codes)
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        vals, rows, cols = self._sparse_encode(x_in)
+        offsets = row_offsets(rows, x.shape[0])
+        x_hat = sparse_decode(rows, cols, vals, self.W_dec, x.shape[0], offsets) + self.b_dec
+        sparse = SparseCodes(rows=rows, cols=cols, vals=vals, offsets=offsets)
+        return SAEOutput(x=x, x_hat=x_hat, pre_acts=self._last_pre, sparse=sparse, d_sae=self.d_sae)
+
+    def _sparse_encode(self, x_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if torch.is_grad_enabled() and (x_in.requires_grad or self.W_enc.requires_grad):
+            vals, rows, cols, pre = SparseEncode.apply(x_in, self.W_enc, self.b_enc, self.activation.select)
+        else:
+            pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+            rows, cols = self.activation.select(pre)
+            vals = pre[rows, cols].relu()
+        self._last_pre = pre
+        return vals, rows, cols
+
+    # ------------------------------------------------------------------ constraints and init
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        if self.normalize_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out of ∂L/∂W_dec[j] its component along W_dec[j], so the unit-norm step is a rotation."""
+        if not self.normalize_decoder or self.W_dec.grad is None:
+            return
+        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.grad.sub_((self.W_dec.grad * W).sum(1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Float[Tensor, "n d_in"]) -> None:
+        """Set b_dec from a data sample (geometric median or mean), once."""
+        if bool(self.b_dec_initialized):
+            return
+        x = x.to(torch.float32)
+        center = geometric_median(x) if self.b_dec_init == "geometric_median" else x.mean(0)
+        self.b_dec.copy_(center.to(self.b_dec.dtype))
+        self.b_dec_initialized.fill_(True)
+
+    # ------------------------------------------------------------------ io
+    def load_weights(self, path: str | Path) -> None:
+        """Load W_enc/b_enc/W_dec/b_dec (and a threshold) from an export directory or a safetensors file."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        f = p / "sae_weights.safetensors" if p.is_dir() else p
+        if not f.exists():
+            raise FileNotFoundError(f"No SAE weights at {f}; point sae.init_from at an export directory.")
+        sd = load_file(str(f))
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            if sd[name].shape != getattr(self, name).shape:
+                raise ValueError(
+                    f"{f}: {name} has shape {tuple(sd[name].shape)}, this SAE has {tuple(getattr(self, name).shape)}; "
+                    "match sae.d_sae and data.d_in to the checkpoint."
+                )
+            getattr(self, name).data.copy_(sd[name])
+        if "threshold" in sd and hasattr(self.activation, "threshold"):
+            th = self.activation.threshold
+            if isinstance(self.activation.threshold, torch.Tensor) and th.ndim == 0:
+                self.activation.threshold.copy_(sd["threshold"].max())
+            elif hasattr(self.activation, "log_threshold"):
+                self.activation.log_threshold.data.copy_(sd["threshold"].clamp_min(1e-12).log())
+        self.b_dec_initialized.fill_(True)
+
+
+@torch.no_grad()
+def geometric_median(x: Float[Tensor, "n d"], iters: int = 100, tol: float = 1e-6) -> Float[Tensor, " d"]:
+    """Weiszfeld's algorithm: argmin_y Σ_i ‖x_i − y‖ (the b_pre init of Gao et al. 2024)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * (y.norm() + tol):
+            return y_new
+        y = y_new
+    return y
