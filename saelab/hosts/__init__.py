@@ -1,0 +1,1 @@
+"""Host adapters: frozen foundation models with a hook point (see `saelab.hosts.base`)."""
