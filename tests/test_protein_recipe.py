@@ -1,0 +1,99 @@
+"""End-to-end protein_esm2 recipe on a tiny random ESM-2 and a hand-written Swiss-Prot file."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import compose_cfg
+from test_protein_host import make_tiny_esm
+
+from saelab.recipes.protein import run
+
+# three entries × 8 = 24 sequences with transmembrane and zinc-finger regions (old feature-table format)
+ENTRY = """\
+ID   T{i}_TEST                Reviewed;          {n} AA.
+AC   P{i:05d};
+DE   RecName: Full=Test {i};
+OS   Homo sapiens (Human).
+OC   Eukaryota.
+OX   NCBI_TaxID=9606;
+FT   TRANSMEM      {a}     {b}       Helical.
+FT   ZN_FING       {c}     {d}       C2H2-type.
+SQ   SEQUENCE   {n} AA;  5000 MW;  0000000000000000 CRC64;
+     {seq}
+//
+"""
+
+
+def _flatfile(path):
+    import random
+
+    rnd = random.Random(0)
+    text = []
+    for i in range(24):
+        tm = "".join(rnd.choice("LIVAFG") for _ in range(19))
+        zf = "CPEC" + "".join(rnd.choice("GKSFSQRN") for _ in range(12)) + "HQRTH"
+        seq = (
+            "".join(rnd.choice("DEKRSTNQ") for _ in range(5))
+            + tm
+            + "KRDE"
+            + zf
+            + "".join(rnd.choice("DEKRSTNQAG") for _ in range(6))
+        )
+        a, c = 6, 6 + 19 + 4
+        text.append(ENTRY.format(i=i, n=len(seq), a=a, b=a + 18, c=c, d=c + len(zf) - 1, seq=seq))
+    path.write_text("".join(text))
+    return path
+
+
+def test_protein_recipe_end_to_end_tiny(tmp_path):
+    model = make_tiny_esm(tmp_path / "esm")
+    files = _flatfile(tmp_path / "entries.dat")
+    cfg = compose_cfg(
+        [
+            "+experiment=protein_esm2",
+            "data/host=esm2_8m",
+            f"data.host.source={model}",
+            "data.host.hook=1",
+            "data.host.d_in=16",
+            f"data.files=[{files}]",
+            "data.annotations=[transmembrane,zinc_finger]",
+            "data.min_subtype_residues=50",
+            "data.cache=false",
+            "data.batch_size=64",
+            "data.val_fraction=0.25",
+            "sae.d_sae=32",
+            "sae.activation.k=4",
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=15",
+            "checkpoint.every_n_steps=15",
+            "protein.steering.n=4",
+            "protein.steering.length=30",
+            "protein.steering.rounds=3",
+            "protein.steering.strengths=[1.0]",
+            "logger=csv",
+            f"+run_dir={tmp_path / 'run'}",
+        ]
+    )
+    res = run(cfg)
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["data"]["sequences"] == 24 and saved["data"]["residues"] == res["data"]["residues"]
+    assert set(saved["data"]["labels"]) == {
+        "transmembrane",
+        "zinc_finger",
+        "transmembrane:Helical",
+        "zinc_finger:C2H2-type",
+    }
+    m = saved["metrics"]
+    assert 0.0 <= m["fidelity/recovery"] <= 1.0 and m["fidelity/kl"] >= 0.0
+    assert m["train/steps"] == 30
+    enr = saved["enrichment"]["annotations"]["transmembrane"]
+    assert enr["residues"] == 24 * 19 and set(enr["n_significant"]) == {"0.01", "0.1", "1"}
+    for target in ("transmembrane", "zinc_finger"):
+        st = saved["steering"][target]
+        assert "steered" in st or "skipped" in st
+    for f in ("report.md", "density.png", "enrichment_heatmap.png", "sae/cfg.json"):
+        assert (out / f).exists(), f
+    report = (out / "report.md").read_text()
+    assert "Annotation enrichment" in report and "Fidelity" in report and "Steering" in report
