@@ -14,10 +14,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from saelab.sae.kernels import SparseEncode, row_offsets, sparse_decode
+from saelab.sae.kernels import SparseLayout, sparse_decode, sparse_encode
 from saelab.types import SAEOutput, SparseCodes
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 class SAE(nn.Module):
@@ -74,7 +79,11 @@ class SAE(nn.Module):
         g = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(self.d_sae, self.d_in, generator=g, dtype=torch.float32)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * decoder_init_norm
-        W_enc = W_dec.t().clone() if init_encoder_as_decoder_t else torch.randn(self.d_in, self.d_sae, generator=g)
+        W_enc = (
+            W_dec.t().clone()
+            if init_encoder_as_decoder_t
+            else torch.randn(self.d_in, self.d_sae, generator=g)
+        )
         if not init_encoder_as_decoder_t:
             W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * decoder_init_norm
         self.W_enc = nn.Parameter(W_enc.to(dt))
@@ -112,22 +121,18 @@ class SAE(nn.Module):
             pre = self.encode_pre(x)
             codes = self.activation(pre)
             return SAEOutput(x=x, x_hat=self.decode(codes), pre_acts=pre, dense=codes)
-        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        vals, rows, cols = self._sparse_encode(x_in)
-        offsets = row_offsets(rows, x.shape[0])
-        x_hat = sparse_decode(rows, cols, vals, self.W_dec, x.shape[0], offsets) + self.b_dec
-        sparse = SparseCodes(rows=rows, cols=cols, vals=vals, offsets=offsets)
-        return SAEOutput(x=x, x_hat=x_hat, pre_acts=self._last_pre, sparse=sparse, d_sae=self.d_sae)
+        vals, layout, pre = self._sparse_encode(x)
+        x_hat = (
+            sparse_decode(layout.rows, layout.cols, vals, self.W_dec, x.shape[0], layout=layout) + self.b_dec
+        )
+        sparse = SparseCodes(rows=layout.rows, cols=layout.cols, vals=vals, offsets=layout.offsets)
+        return SAEOutput(x=x, x_hat=x_hat, pre_acts=pre, sparse=sparse, d_sae=self.d_sae)
 
-    def _sparse_encode(self, x_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if torch.is_grad_enabled() and (x_in.requires_grad or self.W_enc.requires_grad):
-            vals, rows, cols, pre = SparseEncode.apply(x_in, self.W_enc, self.b_enc, self.activation.select)
-        else:
-            pre = torch.addmm(self.b_enc, x_in, self.W_enc)
-            rows, cols = self.activation.select(pre)
-            vals = pre[rows, cols].relu()
-        self._last_pre = pre
-        return vals, rows, cols
+    def _sparse_encode(self, x: Tensor) -> tuple[Tensor, SparseLayout, Tensor]:
+        # b_dec goes in separately so the backward can form its gradient as −W_enc·colsum(∂L/∂π)
+        # instead of a [batch, d_in] product (see kernels.SparseEncode)
+        b_dec = self.b_dec if self.apply_b_dec_to_input else None
+        return sparse_encode(x, b_dec, self.W_enc, self.b_enc, self.activation.select)
 
     # ------------------------------------------------------------------ constraints and init
     @torch.no_grad()

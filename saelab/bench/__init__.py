@@ -1,0 +1,23 @@
+"""`python -m saelab.bench`: speed and memory of saelab against peer libraries, run side by side.
+
+Every figure is a ratio against a peer measured in the same process on the same batches, so the
+numbers are comparable on a busy machine; nothing here is a timed test.
+
+Sections are modules of this package listed in `SECTIONS`. Each exposes
+
+    def main(args: argparse.Namespace) -> list[str]
+
+and returns the lines to print (a small table and any notes). `args` carries the shared options
+`quick` (small sizes, seconds to run), `steps` (timed steps per implementation, None = the section's
+default), `device` ("cpu", "cuda", ...) and `memory` (False: skip peak-memory measurements). A section whose module is missing, or whose optional
+dependency (a peer library) is not installed, is skipped with a one-line message; a section should
+raise `SectionUnavailable(reason)` for the latter.
+"""
+
+from __future__ import annotations
+
+SECTIONS: tuple[str, ...] = ("topk", "harvest", "cache")
+
+
+class SectionUnavailable(RuntimeError):
+    """A section cannot run here (e.g. its peer library is not installed); the message says how to fix it."""

@@ -1,0 +1,315 @@
+"""TopK SAE training throughput: saelab vs EleutherAI sparsify's `SparseCoder`, in one process.
+
+Both train the same TopK SAE (Gao et al. 2024, arXiv:2406.04093) from the same weights on the same
+batches: π = (x − b_dec) W_enc + b_enc, f = TopK_k(ReLU(π)), x̂ = f W_dec + b_dec, loss = FVU =
+Σ‖x − x̂‖² / Σ‖x − x̄‖², Adam with the same learning rate, decoder rows kept at unit norm with the
+gradient component parallel to each row removed before the step. No AuxK in either. One step =
+forward + backward + parallel-gradient removal + optimiser step + decoder renormalisation.
+
+Steps are timed interleaved (saelab, sparsify, saelab, …) after a warm-up, so load from other
+processes hits both alike; the median step time gives samples/s. sparsify's `forward` turns on bf16
+autocast on CUDA; it is called undecorated here so both run in fp32 as specified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.bench import SectionUnavailable
+from saelab.objectives import Objective
+from saelab.objectives.terms import FVU
+from saelab.sae import SAE
+from saelab.sae.activations import TopK
+from saelab.types import TrainState
+
+LR = 1e-3  # conf/optim/adam.yaml
+
+
+@dataclass(frozen=True)
+class Size:
+    d_in: int
+    d_sae: int
+    k: int
+    batch: int
+
+    def __str__(self) -> str:
+        return f"d_in={self.d_in} d_sae={self.d_sae} k={self.k} batch={self.batch}"
+
+
+FULL = Size(768, 16384, 32, 4096)
+QUICK = Size(64, 2048, 16, 512)
+PARITY = Size(48, 512, 8, 64)
+
+
+def make_batches(size: Size, n: int, device: str, seed: int = 0) -> list[Tensor]:
+    """`n` batches of correlated, off-centre Gaussian activations (so b_dec and the FVU denominator matter)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(size.d_in, size.d_in, generator=g) / size.d_in**0.5
+    mean = torch.randn(size.d_in, generator=g)
+    return [(torch.randn(size.batch, size.d_in, generator=g) @ mix + mean).to(device) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- runners
+class SaelabRunner:
+    """One training step of saelab's TopK SAE as `LitSAE` runs it (objective, constraint, optimiser)."""
+
+    name = "saelab"
+
+    def __init__(self, size: Size, device: str, seed: int = 0) -> None:
+        self.sae = SAE(size.d_in, size.d_sae, TopK(size.k), b_dec_init="zeros", seed=seed).to(device)
+        self.objective = Objective({"fvu": FVU()})
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
+
+    def loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.sae(x)
+        loss, _ = self.objective(out, self.sae, TrainState())
+        return loss, out.x_hat
+
+    def step(self, x: Tensor) -> Tensor:
+        loss, _ = self.loss(x)
+        loss.backward()
+        self.sae.remove_parallel_decoder_grad()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sae.set_decoder_norm_to_unit()
+        return loss.detach()
+
+
+class SparsifyRunner:
+    """The same step with sparsify's `SparseCoder`, its FVU and its decoder-constraint methods."""
+
+    name = "sparsify"
+
+    def __init__(self, size: Size, device: str, init: SAE | None = None) -> None:
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        cfg = SparseCoderConfig(activation="topk", num_latents=size.d_sae, k=size.k, normalize_decoder=True)
+        self.sc = SparseCoder(size.d_in, cfg, device=device, dtype=torch.float32)
+        if (
+            init is not None
+        ):  # identical starting point: sparsify stores the encoder as nn.Linear ([d_sae, d_in])
+            with torch.no_grad():
+                self.sc.encoder.weight.copy_(init.W_enc.t())
+                self.sc.encoder.bias.copy_(init.b_enc)
+                self.sc.W_dec.copy_(init.W_dec)
+                self.sc.b_dec.copy_(init.b_dec)
+        # the forward is wrapped in bf16 autocast on CUDA; unwrap it so both sides run in fp32
+        self._forward = getattr(type(self.sc).forward, "__wrapped__", type(self.sc).forward)
+        self.opt = torch.optim.Adam(self.sc.parameters(), lr=LR)
+
+    def loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self._forward(self.sc, x)
+        return out.fvu, out.sae_out
+
+    def step(self, x: Tensor) -> Tensor:
+        loss, _ = self.loss(x)
+        loss.backward()
+        self.sc.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sc.set_decoder_norm_to_unit_norm()
+        return loss.detach()
+
+
+def _sparsify_version() -> str:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints which decoder kernel it picked
+            import sparsify
+    except ImportError as e:
+        raise SectionUnavailable(
+            f"EleutherAI sparsify is not installed ({e}); `make bench` installs it (pip install -e '.[bench]')"
+        ) from None
+    return getattr(sparsify, "__version__", "?")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def parity(device: str) -> dict[str, float]:
+    """Same weights, same batch: max |Δx̂|, |Δloss| and max |Δ∂L/∂W| between the two at step 0 (fp32)."""
+    a = SaelabRunner(PARITY, device, seed=1)
+    with torch.no_grad():  # non-zero biases, so the b_dec and b_enc paths are exercised too
+        a.sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        a.sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    b = SparsifyRunner(PARITY, device, init=a.sae)
+    x = make_batches(PARITY, 1, device, seed=4)[0]
+    la, xa = a.loss(x)
+    lb, xb = b.loss(x)
+    la.backward()
+    lb.backward()
+    pairs = [
+        (a.sae.W_enc.grad.t(), b.sc.encoder.weight.grad),
+        (a.sae.b_enc.grad, b.sc.encoder.bias.grad),
+        (a.sae.W_dec.grad, b.sc.W_dec.grad),
+        (a.sae.b_dec.grad, b.sc.b_dec.grad),
+    ]
+    with torch.no_grad():
+        return {
+            "x_hat": float((xa - xb).abs().max()),
+            "loss": float((la - lb).abs()),
+            "grad": max(float((ga - gb).abs().max()) for ga, gb in pairs),
+        }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    runners: list, batches: list[Tensor], warmup: int, steps: int, device: str
+) -> list[list[float]]:
+    """Seconds per step for each runner, alternating runners step by step on the same batch sequence."""
+    for i in range(warmup):
+        for r in runners:
+            r.step(batches[i % len(batches)])
+    _sync(device)
+    times: list[list[float]] = [[] for _ in runners]
+    for i in range(steps):
+        x = batches[(warmup + i) % len(batches)]
+        order = runners if i % 2 == 0 else runners[::-1]  # who goes first alternates too (cache warmth)
+        for r in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            r.step(x)
+            _sync(device)
+            times[runners.index(r)].append(time.perf_counter() - t0)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _rss_child(which: str, size: Size, device: str, queue) -> None:
+    """Peak resident-set growth (MiB) during one warm training step, measured in a fresh process."""
+    try:
+        if which != "saelab":
+            _sparsify_version()  # quiet import
+        runner = SaelabRunner(size, device) if which == "saelab" else SparsifyRunner(size, device)
+        xs = make_batches(size, 2, device)
+        for x in xs:  # allocate optimiser state and warm every code path first
+            runner.step(x)
+
+        def status(key: str) -> int:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark VmHWM to the current RSS
+        base = status("VmRSS")
+        runner.step(xs[0])
+        queue.put((status("VmHWM") - base) / 1024)
+    except Exception as e:  # pragma: no cover - reported as n/a by the parent
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def peak_step_memory(which: str, size: Size, device: str) -> float | str:
+    """Peak memory above the resident weights and optimiser state during one step, in MiB.
+
+    CUDA: the allocator's peak. CPU: peak RSS growth in a spawned process with a fixed small mmap
+    threshold, so glibc returns freed buffers at once and the high-water mark sees each step's own peak.
+    """
+    if device.startswith("cuda"):
+        runner = SaelabRunner(size, device) if which == "saelab" else SparsifyRunner(size, device)
+        xs = make_batches(size, 2, device)
+        for x in xs:
+            runner.step(x)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        runner.step(xs[0])
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del runner, xs
+        torch.cuda.empty_cache()
+        return peak
+    if not sys.platform.startswith("linux"):
+        return "n/a"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    try:
+        proc = ctx.Process(target=_rss_child, args=(which, size, device, queue))
+        proc.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    try:
+        result = queue.get(timeout=900)
+    except Exception:
+        result = "n/a (timed out)"
+    proc.join(timeout=30)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def main(args: argparse.Namespace) -> list[str]:
+    version = _sparsify_version()
+    device = str(getattr(args, "device", None) or "cpu")
+    quick = bool(getattr(args, "quick", False))
+    size = QUICK if quick else FULL
+    steps = getattr(args, "steps", None) or (10 if quick else 6)
+    warmup = 2
+    torch.manual_seed(0)
+
+    lines = [
+        f"TopK SAE training step, {size}, fp32, {device}"
+        + (
+            f" ({torch.get_num_threads()} threads)"
+            if device == "cpu"
+            else f" ({torch.cuda.get_device_name()})"
+        ),
+        f"saelab vs sparsify {version} (SparseCoder), torch {torch.__version__}; Adam lr={LR}, FVU loss, "
+        "unit-norm decoder + parallel-grad removal, no AuxK",
+    ]
+    p = parity(device)
+    lines.append(
+        f"parity: max |Δx̂| = {p['x_hat']:.2e}, |Δloss| = {p['loss']:.2e}, max |Δgrad| = {p['grad']:.2e} "
+        f"(same weights, {PARITY})"
+    )
+
+    a = SaelabRunner(size, device, seed=0)
+    b = SparsifyRunner(size, device, init=a.sae)
+    batches = make_batches(size, 4, device, seed=0)
+    times = time_interleaved([a, b], batches, warmup, steps, device)
+    del a, b, batches
+    med = [statistics.median(t) for t in times]
+    if getattr(args, "memory", True):
+        mem = [peak_step_memory(name, size, device) for name in ("saelab", "sparsify")]
+    else:
+        mem = ["skipped", "skipped"]
+
+    rows = []
+    for name, t, m, mm in zip(("saelab", f"sparsify {version}"), times, med, mem, strict=True):
+        mem_s = f"{mm:.0f}" if isinstance(mm, float) else str(mm)
+        rows.append([name, f"{size.batch / m:,.0f}", f"{m * 1e3:.0f}", f"{min(t) * 1e3:.0f}", mem_s])
+    headers = ["implementation", "samples/s", "median step ms", "min step ms", "peak step MiB"]
+    lines += ["", *_table(headers, rows), ""]
+    lines.append(
+        f"ratio saelab/sparsify: {med[1] / med[0]:.2f}x samples/s "
+        f"({steps} interleaved steps each after {warmup} warm-up; median)"
+    )
+    if all(isinstance(m, float) for m in mem):
+        lines.append(f"peak step memory saelab/sparsify: {mem[0] / mem[1]:.2f}x")
+    return lines
