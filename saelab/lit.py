@@ -54,7 +54,11 @@ class LitSAE(pl.LightningModule):
         super().__init__()
         self.sae, self.objective = sae, objective
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
-        self.dead_window_tokens, self.seed, self.log_every = int(dead_window_tokens), int(seed), int(log_every)
+        self.dead_window_tokens, self.seed, self.log_every = (
+            int(dead_window_tokens),
+            int(seed),
+            int(log_every),
+        )
         # tokens since each latent last fired; part of the state dict, so resume keeps it
         self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
         self.val_l0, self.val_ev = L0(), ExplainedVariance(sae.d_in)
@@ -103,7 +107,9 @@ class LitSAE(pl.LightningModule):
     def on_after_backward(self) -> None:
         self.sae.remove_parallel_decoder_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # renormalise right after the update, before any callback (e.g. checkpointing) sees the weights
         self.sae.set_decoder_norm_to_unit()
 
     # ------------------------------------------------------------------ validation

@@ -6,7 +6,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def warmup_decay(optimizer: Optimizer, warmup_steps: int = 0, decay_fraction: float = 0.0, total_steps: int = 1) -> LambdaLR:
+def warmup_decay(
+    optimizer: Optimizer, warmup_steps: int = 0, decay_fraction: float = 0.0, total_steps: int = 1
+) -> LambdaLR:
     """Linear warm-up over `warmup_steps`, constant, then linear decay to 0 over the last `decay_fraction` of steps."""
     decay_start = int(total_steps * (1 - decay_fraction))
 

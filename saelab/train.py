@@ -67,7 +67,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, stage: str):
     if not cfg.get("logger"):
         return None
     target = cfg.logger.get("_target_", "")
-    kwargs = {"save_dir": str(run_dir), "name": stage if "CSV" in target else f"{cfg.name}/{stage}"}
+    kwargs = {"save_dir": str(run_dir), "name": f"csv/{stage}" if "CSV" in target else f"{cfg.name}/{stage}"}
     return instantiate(cfg.logger, **kwargs)
 
 

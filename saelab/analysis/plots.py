@@ -45,7 +45,9 @@ def histogram(values, path: Path, xlabel: str, title: str, bins: int = 40) -> Pa
     return _save(fig, path)
 
 
-def bars(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, ylabel: str, title: str) -> Path:
+def bars(
+    groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, ylabel: str, title: str
+) -> Path:
     """Grouped bar chart: one group per entry of `groups`, one bar per series."""
     x = np.arange(len(groups))
     width = 0.8 / max(1, len(series))
@@ -59,7 +61,13 @@ def bars(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, 
     return _save(fig, path)
 
 
-def scatter(points: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+def scatter(
+    points: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
     """Labelled scatter/line plot: one series per entry (x values, y values)."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for name, (xs, ys) in points.items():

@@ -10,12 +10,11 @@ exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
-
-import pytorch_lightning as pl
 
 
 class SyntheticFeatures:

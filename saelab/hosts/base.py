@@ -42,7 +42,9 @@ def resolve_hook(model: nn.Module, hook: str | int) -> tuple[str, nn.Module]:
         prefix, layers = layer_list(model)
         i = int(hook)
         if not -len(layers) <= i < len(layers):
-            raise ValueError(f"hook layer {i} is out of range: {prefix} has {len(layers)} layers (0..{len(layers) - 1}).")
+            raise ValueError(
+                f"hook layer {i} is out of range: {prefix} has {len(layers)} layers (0..{len(layers) - 1})."
+            )
         i %= len(layers)
         return f"{prefix}.{i}", layers[i]
     if hook not in modules:
@@ -88,7 +90,9 @@ def replace_output(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterato
         h = _hidden(output)
         new = fn(h)
         if new.shape != h.shape:
-            raise ValueError(f"spliced function changed the hidden shape {tuple(h.shape)} → {tuple(new.shape)}.")
+            raise ValueError(
+                f"spliced function changed the hidden shape {tuple(h.shape)} → {tuple(new.shape)}."
+            )
         return _with_hidden(output, new.to(h.dtype))
 
     handle = module.register_forward_hook(hook)

@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from saelab.io.atomic import atomic_dir
 from saelab.sae import SAE, BatchTopK, JumpReLU, ReLU, ResidualSAE, TopK
 
-SAELENS_VERSION = "6.54.12"  # the format version written (v6 layout; checked with sae_lens.SAE.load_from_disk)
+SAELENS_VERSION = (
+    "6.54.12"  # the format version written (v6 layout; checked with sae_lens.SAE.load_from_disk)
+)
 
 
 def _activation_spec(act) -> tuple[str, dict, dict]:
@@ -69,8 +71,10 @@ def _stitched(sae: ResidualSAE) -> tuple[dict[str, torch.Tensor], dict, torch.Te
         "W_dec": torch.cat([base.W_dec, res.W_dec], 0),
         "b_dec": base.b_dec + res.b_dec,
     }
-    return {k: v.detach().contiguous().clone() for k, v in sd.items()}, {"stitched": [base.d_sae, res.d_sae]}, torch.cat(
-        [th_b, th_r]
+    return (
+        {k: v.detach().contiguous().clone() for k, v in sd.items()},
+        {"stitched": [base.d_sae, res.d_sae]},
+        torch.cat([th_b, th_r]),
     )
 
 
@@ -134,11 +138,15 @@ def load_sae(path: str | Path) -> SAE:
     path = Path(path)
     cfg_file, w_file = path / "cfg.json", path / "sae_weights.safetensors"
     if not cfg_file.exists() or not w_file.exists():
-        raise FileNotFoundError(f"{path} is not a SAELens export: it needs cfg.json and sae_weights.safetensors.")
+        raise FileNotFoundError(
+            f"{path} is not a SAELens export: it needs cfg.json and sae_weights.safetensors."
+        )
     cfg = json.loads(cfg_file.read_text())
     arch = cfg.get("architecture", "standard")
     if cfg.get("normalize_activations", "none") not in ("none", None, False):
-        raise ValueError(f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it first.")
+        raise ValueError(
+            f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it first."
+        )
     sd = load_file(str(w_file))
     if "log_threshold" in sd and "threshold" not in sd:
         sd["threshold"] = sd.pop("log_threshold").exp()

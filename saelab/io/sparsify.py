@@ -48,7 +48,9 @@ def load_sparsify(path: str | Path) -> SAE:
         raise FileNotFoundError(f"{path} is not a sparsify SAE directory (cfg.json + sae.safetensors).")
     cfg = json.loads((path / "cfg.json").read_text())
     if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode"):
-        raise ValueError(f"{path}: saelab reads plain TopK sparsify SAEs (no skip connection, not a transcoder).")
+        raise ValueError(
+            f"{path}: saelab reads plain TopK sparsify SAEs (no skip connection, not a transcoder)."
+        )
     sd = load_file(str(path / "sae.safetensors"))
     d_sae, d_in = sd["encoder.weight"].shape
     sae = SAE(d_in, d_sae, TopK(int(cfg["k"])), normalize_decoder=bool(cfg.get("normalize_decoder", True)))

@@ -3,4 +3,16 @@
 from saelab.objectives.objective import NonFiniteLossError, Objective
 from saelab.objectives.terms import FVU, L0, L1, MSE, AuxK, Matryoshka, Ortho, Term, Tilted
 
-__all__ = ["Objective", "NonFiniteLossError", "Term", "MSE", "FVU", "Tilted", "L1", "L0", "AuxK", "Ortho", "Matryoshka"]
+__all__ = [
+    "Objective",
+    "NonFiniteLossError",
+    "Term",
+    "MSE",
+    "FVU",
+    "Tilted",
+    "L1",
+    "L0",
+    "AuxK",
+    "Ortho",
+    "Matryoshka",
+]

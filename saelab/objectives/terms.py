@@ -72,7 +72,9 @@ class Tilted(Term):
     unit-free; the default "none" is the paper's formula.
     """
 
-    def __init__(self, t: float = 1.0, scale: str = "none", coeff: float = 1.0, warmup_steps: int = 0) -> None:
+    def __init__(
+        self, t: float = 1.0, scale: str = "none", coeff: float = 1.0, warmup_steps: int = 0
+    ) -> None:
         super().__init__(coeff, warmup_steps)
         if scale not in ("none", "mean"):
             raise ValueError(f"tilted.scale must be 'none' or 'mean', got {scale!r}.")
@@ -103,7 +105,9 @@ class L1(Term):
     The Anthropic April-2024 form; `warmup_steps` ramps the coefficient linearly from 0.
     """
 
-    def __init__(self, coeff: float = 1e-3, warmup_steps: int = 0, weight_by_decoder_norm: bool = True) -> None:
+    def __init__(
+        self, coeff: float = 1e-3, warmup_steps: int = 0, weight_by_decoder_norm: bool = True
+    ) -> None:
         super().__init__(coeff, warmup_steps)
         self.weight_by_decoder_norm = weight_by_decoder_norm
 
@@ -243,11 +247,15 @@ class Matryoshka(Term):
         if self.group_fractions is not None:
             sizes = [max(1, round(f * d_sae)) for f in self.group_fractions[:-1]]
             if sum(sizes) >= d_sae:
-                raise ValueError(f"matryoshka group_fractions {self.group_fractions} leave no room in d_sae={d_sae}.")
+                raise ValueError(
+                    f"matryoshka group_fractions {self.group_fractions} leave no room in d_sae={d_sae}."
+                )
             return torch.tensor(sizes + [d_sae - sum(sizes)]).cumsum(0).tolist()
         if self.groups is not None:
             if sum(self.groups) != d_sae or min(self.groups) < 1:
-                raise ValueError(f"matryoshka groups {self.groups} must be positive and sum to d_sae={d_sae}.")
+                raise ValueError(
+                    f"matryoshka groups {self.groups} must be positive and sum to d_sae={d_sae}."
+                )
             return torch.tensor(self.groups).cumsum(0).tolist()
         n = min(self.random_prefixes, d_sae)
         if n <= 1 or d_sae < 2:

@@ -19,7 +19,11 @@ def run(cfg: DictConfig) -> dict:
         dm, sae = res.datamodule, res.sae
         truth = getattr(dm, "true_features", None)
         ev = evaluate_sae(
-            sae, dm.val_dataloader(), cfg.eval.n_batches, truth, recovery_threshold=cfg.eval.recovery_threshold
+            sae,
+            dm.val_dataloader(),
+            cfg.eval.n_batches,
+            truth,
+            recovery_threshold=cfg.eval.recovery_threshold,
         )
         density = ev.pop("density")
         scores = ev.pop("recovery_scores", None)
@@ -28,11 +32,15 @@ def run(cfg: DictConfig) -> dict:
         metrics["train/steps"] = int(res.trainer.global_step)
         export = None
         if cfg.export:
-            export = save_sae(sae, run_dir / "sae", metadata={"saelab_run": cfg.name, "d_in_source": cfg.data._target_})
+            export = save_sae(
+                sae, run_dir / "sae", metadata={"saelab_run": cfg.name, "d_in_source": cfg.data._target_}
+            )
         plots.density_histogram(density, run_dir / "density.png")
         figures = ["![latent density](density.png)"]
         if scores is not None:
-            plots.histogram(scores, run_dir / "recovery.png", "max cos(true feature, decoder rows)", "Feature recovery")
+            plots.histogram(
+                scores, run_dir / "recovery.png", "max cos(true feature, decoder rows)", "Feature recovery"
+            )
             figures.append("![feature recovery](recovery.png)")
         results = {"name": cfg.name, "metrics": metrics, "export": str(export) if export else None}
         write_results(run_dir, results)
@@ -42,7 +50,10 @@ def run(cfg: DictConfig) -> dict:
             [
                 ("Metrics", table(["metric", "value"], sorted(metrics.items()))),
                 ("Figures", "\n\n".join(figures)),
-                ("Artifacts", f"- SAE export (SAELens format): `{export}`\n- checkpoints: `checkpoints/train/`"),
+                (
+                    "Artifacts",
+                    f"- SAE export (SAELens format): `{export}`\n- checkpoints: `checkpoints/train/`",
+                ),
             ],
         )
         log_summary(res.logger, metrics)

@@ -76,7 +76,12 @@ class ResidualSAE(nn.Module):
             base_hat = self.base(x).x_hat
         r = self.residual(x)
         return SAEOutput(
-            x=r.x, x_hat=base_hat + r.x_hat, pre_acts=r.pre_acts, dense=r.dense, sparse=r.sparse, d_sae=r.d_sae
+            x=r.x,
+            x_hat=base_hat + r.x_hat,
+            pre_acts=r.pre_acts,
+            dense=r.dense,
+            sparse=r.sparse,
+            d_sae=r.d_sae,
         )
 
     def encode(self, x: Tensor) -> Tensor:

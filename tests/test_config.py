@@ -1,0 +1,100 @@
+"""Every config composes, resolves, and binds to its constructor; the sae × data × term grid composes."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT, compose_cfg
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+SAES = sorted(p.stem for p in (CONF / "sae").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+TERMS = sorted(p.stem for p in (CONF / "objective" / "terms").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+
+
+def bind_targets(node, where: str = "cfg") -> int:
+    """Bind every `_target_` node's keys to its callable's signature; returns how many were checked."""
+    n = 0
+    if OmegaConf.is_dict(node):
+        if "_target_" in node:
+            fn = get_object(node._target_)
+            kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
+            sig = inspect.signature(fn)
+            try:
+                (sig.bind_partial if node.get("_partial_", False) else sig.bind)(**kwargs)
+            except TypeError as e:
+                raise AssertionError(f"{where}: {node._target_} does not accept {sorted(kwargs)}: {e}") from e
+            n += 1
+        for k, v in node.items():
+            n += bind_targets(v, f"{where}.{k}")
+    elif OmegaConf.is_list(node):
+        for i, v in enumerate(node):
+            n += bind_targets(v, f"{where}[{i}]")
+    return n
+
+
+def check(cfg) -> int:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # every interpolation resolves
+    # the Trainer node also gets run-time kwargs (callbacks, logger, ...) from train.fit
+    cfg.trainer.callbacks, cfg.trainer.logger, cfg.trainer.plugins = [], False, []
+    cfg.trainer.default_root_dir = "."
+    if cfg.get("logger"):  # train.make_logger adds the run dir and run name
+        cfg.logger.save_dir, cfg.logger.name = ".", "stage"
+    return bind_targets(cfg)
+
+
+def test_groups_are_populated():
+    assert {"relu", "topk", "batchtopk", "jumprelu", "residual"} <= set(SAES)
+    assert {"mse", "fvu", "tilted", "l1", "l0", "auxk", "ortho", "matryoshka"} <= set(TERMS)
+    assert "synthetic" in DATA
+
+
+@pytest.mark.parametrize("sae,data", list(itertools.product(SAES, DATA)))
+def test_sae_data_grid_with_every_term(sae: str, data: str):
+    cfg = compose_cfg([f"sae={sae}", f"data={data}", f"objective/terms=[{','.join(TERMS)}]"])
+    assert set(cfg.objective.terms) == set(TERMS)
+    assert check(cfg) >= 2 + len(TERMS)
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_each_term_alone(term: str):
+    cfg = compose_cfg([f"objective/terms=[{term}]"])
+    assert list(cfg.objective.terms) == [term]
+    check(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_compose_and_bind(experiment: str):
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_"), "experiments are global deltas"
+    assert "python -m saelab" in text, "experiments state their command"
+    cfg = compose_cfg([f"+experiment={experiment}"])
+    assert cfg.name == experiment
+    check(cfg)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweeps_set_only_sweeper_params(sweep: str):
+    raw = OmegaConf.load(ROOT / "sweeps" / f"{sweep}.yaml")
+    assert set(raw.keys()) == {"hydra"} and set(raw.hydra.keys()) == {"sweeper"}
+    cfg = compose_cfg([f"+sweeps={sweep}"])
+    check(cfg)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "optim", "eval", "paths"])
+def test_every_option_of_other_groups(group: str):
+    for opt in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        check(compose_cfg([f"{group}={opt}"]))
+
+
+def test_d_in_is_the_one_cross_axis_interpolation():
+    for p in (CONF / "sae").glob("*.yaml"):
+        assert "${data.d_in}" in Path(p).read_text()
+    cfg = compose_cfg(["data.d_in=37"])
+    assert cfg.sae.d_in == 37
