@@ -1,0 +1,131 @@
+"""Spliced evaluation: the host LM's next-token loss with an SAE reconstruction in place of its activations.
+
+For tokens x_1..x_T and per-position next-token losses ℓ_t = −log p(x_{t+1} | x_≤t) (averaged over every
+position whose target is not padding):
+
+  CE_clean = mean ℓ_t of the unmodified model;
+  CE_sae   = mean ℓ_t with the hook output h replaced by the SAE reconstruction x̂(h);
+  CE_zero  = mean ℓ_t with h replaced by 0 (zero-ablation);
+  ce_loss_score = (CE_zero − CE_sae) / (CE_zero − CE_clean)      (1 = lossless, 0 = as bad as ablation);
+  KL_sae  = mean_t KL(p_clean,t ‖ p_sae,t),  KL_zero = mean_t KL(p_clean,t ‖ p_zero,t),
+  kl_score = (KL_zero − KL_sae) / KL_zero;
+  spliced_ppl = exp(CE_sae) (downstream perplexity, Muhamed et al. 2025, arXiv:2411.00743), clean_ppl = exp(CE_clean).
+
+Definitions follow SAELens `evals.py` (`get_recons_loss`, `kl_div_score`); positions masked out of the SAE
+(BOS and padding) keep their original activation under every splice, including zero-ablation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from saelab.hosts.causal_lm import next_token_losses
+
+
+def ce_loss_score(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """(CE_zero − CE_sae) / (CE_zero − CE_clean); NaN when ablation does not change the loss."""
+    denom = ce_zero - ce_clean
+    return (ce_zero - ce_sae) / denom if denom != 0 else float("nan")
+
+
+def kl_score(kl_sae: float, kl_zero: float) -> float:
+    """(KL_zero − KL_sae) / KL_zero; NaN when ablation leaves the distribution unchanged."""
+    return (kl_zero - kl_sae) / kl_zero if kl_zero != 0 else float("nan")
+
+
+def token_kl(
+    clean_logits: Float[Tensor, "batch seq vocab"], new_logits: Float[Tensor, "batch seq vocab"]
+) -> Float[Tensor, "batch seq"]:
+    """KL(p_clean ‖ p_new) = Σ_v p_clean,v (log p_clean,v − log p_new,v) at each position."""
+    lp, lq = F.log_softmax(clean_logits.float(), -1), F.log_softmax(new_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def sae_splice(sae: nn.Module, mask: Bool[Tensor, "batch seq"]) -> Callable[[Tensor], Tensor]:
+    """fn(h): h with the masked positions replaced by sae(h).x_hat (the others keep h)."""
+
+    def fn(h: Tensor) -> Tensor:
+        m = mask.to(h.device)
+        out = h.clone()
+        dev = next(sae.parameters()).device
+        out[m] = sae(h[m].to(dev)).x_hat.to(h.dtype).to(h.device)  # (n_masked, d_in)
+        return out
+
+    return fn
+
+
+def zero_splice(mask: Bool[Tensor, "batch seq"]) -> Callable[[Tensor], Tensor]:
+    def fn(h: Tensor) -> Tensor:
+        return h.masked_fill(mask.to(h.device)[..., None], 0.0)
+
+    return fn
+
+
+@torch.no_grad()
+def spliced_metrics(
+    host,
+    saes: dict[str, nn.Module],
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    sae_mask: Tensor,
+    batch_size: int = 8,
+    desc: str = "spliced eval",
+) -> dict[str, dict]:
+    """CE / KL / ce_loss_score / kl_score / spliced perplexity of each SAE in `saes` on the given contexts.
+
+    The clean and zero-ablated forwards run once per batch and are shared by all SAEs. Returns
+    {name: {ce_clean, ce_sae, ce_zero, ce_loss_score, kl_sae, kl_zero, kl_score, spliced_ppl, clean_ppl,
+    n_tokens}}.
+    """
+    for sae in saes.values():
+        sae.eval()
+    ce = {k: 0.0 for k in ["clean", "zero", *saes]}
+    kl = {k: 0.0 for k in ["zero", *saes]}
+    n = 0
+    bar = tqdm(total=input_ids.shape[0], desc=desc, unit="ctx", leave=False)
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids, att, m = (
+            input_ids[i : i + batch_size],
+            attention_mask[i : i + batch_size],
+            sae_mask[i : i + batch_size],
+        )
+        valid = att[:, 1:].to(torch.float64)  # (B, T-1): positions with a real next token
+        clean = host.logits(ids, att)
+        ids_d = ids.to(clean.device)
+        n += int(valid.sum())
+        ce["clean"] += float((next_token_losses(clean, ids_d, att).double() * valid).sum())
+        runs: dict[str, Callable] = {"zero": zero_splice(m)}
+        runs.update({name: sae_splice(sae, m) for name, sae in saes.items()})
+        for name, fn in runs.items():
+            with host.spliced(fn):
+                logits = host.logits(ids, att)
+            ce[name] += float((next_token_losses(logits, ids_d, att).double() * valid).sum())
+            kl[name] += float((token_kl(clean[:, :-1], logits[:, :-1]).double() * valid).sum())
+        bar.update(ids.shape[0])
+    bar.close()
+    if n == 0:
+        raise ValueError("spliced evaluation got no predictable tokens (every context is padding).")
+    ce = {k: v / n for k, v in ce.items()}
+    kl = {k: v / n for k, v in kl.items()}
+    out = {}
+    for name in saes:
+        out[name] = {
+            "ce_clean": ce["clean"],
+            "ce_sae": ce[name],
+            "ce_zero": ce["zero"],
+            "ce_loss_score": ce_loss_score(ce["clean"], ce[name], ce["zero"]),
+            "kl_sae": kl[name],
+            "kl_zero": kl["zero"],
+            "kl_score": kl_score(kl[name], kl["zero"]),
+            "spliced_ppl": math.exp(ce[name]),
+            "clean_ppl": math.exp(ce["clean"]),
+            "n_tokens": n,
+        }
+    return out
