@@ -27,8 +27,9 @@ rows of the current batch. Order: a seeded pseudo-random permutation of all toke
 on the fly by a Feistel network with cycle-walking (a bijection on [0, n_tokens) with O(1) memory and
 random access), so resuming from batch position p and splitting by rank need no stored state. Rank r of W
 reads global batches r, r+W, r+2W, ... of each epoch (a partition). Resident memory stays flat as the cache
-grows: no shard is ever loaded whole, and the memory maps are dropped and reopened after every
-`remap_bytes` of reads so file pages touched by random access do not pile up in the process.
+grows: no shard is ever loaded whole, and after each gather the file pages it faulted in are unmapped
+again (madvise MADV_DONTNEED; the page cache keeps them), so the resident set is bounded by one batch
+plus one shard's fault-around window, whatever the cache size.
 
 Integrity: at open, every file must exist with the byte size in the manifest; the sha256 of a shard's
 files is verified lazily, the first time this process reads from that shard (`verify="lazy"`, default), or
@@ -46,6 +47,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -387,7 +389,7 @@ def _sha256_file(path: Path) -> str:
 class ActivationCache:
     """A finished cache directory: integrity checks, random row access and batch streams."""
 
-    def __init__(self, path: str | Path, verify: str = "lazy", remap_bytes: int = 64 << 20) -> None:
+    def __init__(self, path: str | Path, verify: str = "lazy") -> None:
         if verify not in ("lazy", "open", "none"):
             raise ValueError(f"verify must be 'lazy', 'open' or 'none', got {verify!r}.")
         self.path = Path(path)
@@ -416,11 +418,10 @@ class ActivationCache:
             raise CacheCorrupt(
                 f"{mpath}: shard sizes do not add up to n_tokens; delete {self.path} to rebuild."
             )
-        self.verify, self.remap_bytes = verify, remap_bytes
+        self.verify = verify
         self.built = False
         self._verified: set[int] = set()
         self._maps: dict[tuple[int, str], np.ndarray] = {}
-        self._touched = 0
         for shard in m["shards"]:  # cheap at open: every file present with its recorded size
             for info in shard["files"].values():
                 f = self.path / info["name"]
@@ -484,11 +485,6 @@ class ActivationCache:
         self._maps[(i, column)] = arr
         return arr
 
-    def _release_maps(self) -> None:
-        """Drop every memory map so file pages read so far leave this process's resident set."""
-        self._maps.clear()
-        self._touched = 0
-
     def rows(self, idx: np.ndarray, columns: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Rows at global token indices `idx` (any order), copied out of the memory maps."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
@@ -511,12 +507,24 @@ class ActivationCache:
             s = int(shard_of[seg[0]])
             local = sorted_idx[seg] - self.offsets[s]
             for c in cols:
-                out[c][order[seg]] = self._array(s, c)[local]
-        row_bytes = self.d_in * np.dtype(_DTYPES[self.dtype]).itemsize + 4 * (len(cols) - 1)
-        self._touched += len(idx) * (row_bytes + 4096)  # a random row can touch a whole page per column
-        if self._touched > self.remap_bytes:
-            self._release_maps()
+                arr = self._array(s, c)
+                out[c][order[seg]] = arr[local]
+                self._forget_pages(s, c, arr)
         return out
+
+    def _forget_pages(self, i: int, column: str, arr: np.ndarray) -> None:
+        """Unmap the file pages a gather faulted in, so they leave this process's resident set.
+
+        The kernel maps whole fault-around windows (64 KiB) of cached pages per touched row, so after a
+        random gather most of a shard would otherwise stay resident. MADV_DONTNEED on a read-only file
+        mapping only drops the page-table entries (the page cache keeps the data). Where madvise is
+        unavailable, the map is closed instead and reopened on next use.
+        """
+        mm = arr.base if isinstance(arr.base, mmap.mmap) else getattr(arr, "_mmap", None)
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):
+            self._maps.pop((i, column), None)
 
     def num_batches(
         self, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = False

@@ -260,20 +260,56 @@ def _innermost_links(m: re.Match) -> str:
     return label.rsplit("|", 1)[-1] if label else target
 
 
+def _drop_balanced(text: str, open_: str, close: str) -> str:
+    """Remove every outermost open_ … close span, counting nesting (templates hold braces of their own)."""
+    out, depth, start = [], 0, 0
+    for m in re.finditer(re.escape(open_) + "|" + re.escape(close), text):
+        if m.group() == open_:
+            if depth == 0:
+                out.append(text[start : m.start()])
+            depth += 1
+        elif depth:
+            depth -= 1
+            start = m.end()
+    out.append(text[start:] if depth == 0 else "")  # an unclosed span runs to the end
+    return "".join(out)
+
+
+def _drop_media(text: str) -> str:
+    """Remove [[File:…]] / [[Image:…]] links whole; their captions nest links and stray brackets."""
+    out, pos = [], 0
+    for m in re.finditer(r"\[\[\s*(?:File|Image):", text, flags=re.I):
+        if m.start() < pos:
+            continue  # inside a media link already removed
+        depth, i = 0, m.start()
+        for t in re.finditer(r"\[\[|\]\]", text[m.start() :]):
+            depth += 1 if t.group() == "[[" else -1
+            if depth == 0:
+                i = m.start() + t.end()
+                break
+        else:
+            i = len(text)
+        out.append(text[pos : m.start()])
+        pos = i
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def strip_wiki_markup(text: str) -> str:
     """MediaWiki source → plain prose: templates, tables, refs, images and formatting removed."""
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
     text = re.sub(r"<ref[^>]*/>", "", text)
     text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
-    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|[^{}]*?\|\}"):  # innermost first until nothing is left
-        n = 1
-        while n:
-            text, n = re.subn(pattern, "", text, flags=re.S)
+    text = re.sub(r"<math[^>]*>.*?</math>", "", text, flags=re.S)  # LaTeX is not prose
+    text = _drop_balanced(text, "{{", "}}")  # templates, nested ones included
+    text = _drop_media(text)
+    text = _drop_balanced(text, "{|", "|}")  # tables
     n = 1
     while n:
         text, n = re.subn(r"\[\[([^\[\]]*)\]\]", _innermost_links, text)
     text = re.sub(r"\[(?:https?|ftp)://\S+\s+([^\]]*)\]", r"\1", text)
     text = re.sub(r"\[(?:https?|ftp)://[^\]]*\]", "", text)
+    text = re.sub(r"\[?(?:https?|ftp)://\S*", "", text)  # unclosed or bare URLs
     text = re.sub(r"'{2,}", "", text)
     text = re.sub(r"<[^>]+>", "", text)
     text = html.unescape(text)
@@ -313,7 +349,7 @@ def _wiki_chunks(title: str, text: str, max_chars: int = 2000, min_chars: int = 
                 continue
             body_text = "\n".join(chunk)
             if len(body_text) >= min_chars:
-                head = f"{title}: {heading}" if heading else title
+                head = f"{title}: {strip_wiki_markup(heading).strip()}" if heading else title
                 docs.append(_Doc(f"enwiki:{title}#{k}", f"{head}\n{body_text}"))
                 k += 1
             chunk = [p] if p is not None else []
