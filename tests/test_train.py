@@ -142,3 +142,18 @@ def test_dense_variants_train(tmp_path, sae):
     )
     res = json.loads((tmp_path / "results.json").read_text())["metrics"]
     assert res["eval/explained_variance"] > 0.2
+
+
+def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
+    p = saelab(
+        *SMALL,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "logger=none",
+        "trainer.max_steps=20",
+        run_dir=tmp_path,
+    )
+    assert p.stdout.count("run dir:") == 1  # only rank 0 evaluates and reports
+    res = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert res["train/steps"] == 20 and res["eval/l0"] > 0

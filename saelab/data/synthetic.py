@@ -72,13 +72,24 @@ class SyntheticFeatures:
 
 
 class _Stream(IterableDataset):
-    def __init__(self, features: SyntheticFeatures, batch_size: int, start: int, stop: int | None) -> None:
+    """Batches start, start+1, ... of the global stream; under DDP rank r of w takes step·w + r."""
+
+    def __init__(
+        self,
+        features: SyntheticFeatures,
+        batch_size: int,
+        start: int,
+        stop: int | None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.features, self.batch_size, self.start, self.stop = features, batch_size, start, stop
+        self.rank, self.world = rank, world
 
     def __iter__(self):
         i = self.start
         while self.stop is None or i < self.stop:
-            yield self.features.sample(self.batch_size, i)[0]
+            yield self.features.sample(self.batch_size, i * self.world + self.rank)[0]
             i += 1
 
 
@@ -120,7 +131,11 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.position = self._start()
-        return DataLoader(_Stream(self.features, self.batch_size, self.position, None), batch_size=None)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(
+            _Stream(self.features, self.batch_size, self.position, None, rank, world), batch_size=None
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Stream(self.features, self.batch_size, -self.val_batches, 0), batch_size=None)

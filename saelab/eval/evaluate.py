@@ -36,7 +36,8 @@ def evaluate_sae(
     """
     was_training = sae.training
     sae.eval()
-    l0, fvu, dead = L0(), FVU(sae.d_in), DeadFraction(sae.d_sae)
+    local = {"sync_on_compute": False}  # evaluation runs in one process, also after a DDP fit
+    l0, fvu, dead = L0(**local), FVU(sae.d_in, **local), DeadFraction(sae.d_sae, **local)
     for i, batch in enumerate(batches):
         if n_batches is not None and i >= n_batches:
             break
@@ -50,7 +51,7 @@ def evaluate_sae(
         else:
             fired = (out.codes != 0).sum(0)
         dead.update(fired, x.shape[0])
-    mmc = MeanMaxCosine()
+    mmc = MeanMaxCosine(**local)
     mmc.update(sae.W_dec)
     f = float(fvu.compute())
     res = {
@@ -63,7 +64,7 @@ def evaluate_sae(
         "density": dead.density().float(),
     }
     if true_features is not None:
-        rec = FeatureRecovery(true_features)
+        rec = FeatureRecovery(true_features, **local)
         rec.update(sae.W_dec)
         res["feature_recovery"] = float(rec.compute())
         res["frac_recovered"] = rec.recovered(recovery_threshold)

@@ -13,8 +13,8 @@ class L0(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -37,8 +37,8 @@ class FVU(Metric):
 
     full_state_update = False
 
-    def __init__(self, d_in: int) -> None:
-        super().__init__()
+    def __init__(self, d_in: int, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("sse", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sum_sq", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sum_x", torch.zeros(d_in, dtype=torch.float64), dist_reduce_fx="sum")
@@ -72,8 +72,8 @@ class DeadFraction(Metric):
 
     full_state_update = False
 
-    def __init__(self, d_sae: int) -> None:
-        super().__init__()
+    def __init__(self, d_sae: int, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("fires", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -110,8 +110,8 @@ class MeanMaxCosine(Metric):
 
     full_state_update = True
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("value", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="mean")
 
     def update(self, W_dec: Float[Tensor, "d_sae d_in"]) -> None:
@@ -129,8 +129,8 @@ class FeatureRecovery(Metric):
 
     full_state_update = True
 
-    def __init__(self, true_features: Float[Tensor, "n_features d_in"]) -> None:
-        super().__init__()
+    def __init__(self, true_features: Float[Tensor, "n_features d_in"], **kwargs) -> None:
+        super().__init__(**kwargs)
         self.register_buffer("true_features", true_features.float().clone())
         self.add_state("scores", torch.zeros(true_features.shape[0]), dist_reduce_fx="mean")
 

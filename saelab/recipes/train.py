@@ -15,6 +15,8 @@ def run(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     res = fit(cfg, run_dir, stage="train")
+    if not res.trainer.is_global_zero:  # under DDP only rank 0 evaluates, exports and reports
+        return {}
     with wandb_scope(res.logger):
         dm, sae = res.datamodule, res.sae
         truth = getattr(dm, "true_features", None)

@@ -98,7 +98,11 @@ class SparseLayout:
     ) -> Float[Tensor, "d_sae n"]:
         """Fᵀ · dense, in dense's dtype."""
         wd = _work_dtype(dense.dtype)
-        return (self.csr_t(values.to(wd)) @ dense.to(wd)).to(dense.dtype)
+        # in-place into an uninitialised buffer with beta=0 (its contents are ignored): `csr @ dense` would
+        # zero-fill a result and copy a second one into it, two extra passes over [d_sae, n]
+        out = torch.empty(self.d_sae, dense.shape[1], dtype=wd, device=dense.device)
+        out.addmm_(self.csr_t(values.to(wd)), dense.to(wd), beta=0.0)
+        return out.to(dense.dtype)
 
     def sampled(self, a: Float[Tensor, "batch n"], b: Float[Tensor, "d_sae n"]) -> Float[Tensor, " nnz"]:
         """(a bᵀ)[rows, cols]: the product evaluated at the nnz coordinates only (SDDMM)."""
