@@ -232,6 +232,27 @@ def test_failed_build_leaves_nothing(tmp_path):
         )
 
 
+def test_full_disk_says_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    import saelab.data.cache as cache_mod
+
+    x, ids = _data()
+    calls = []
+
+    def full(path, arr):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, arr)
+
+    real = cache_mod._write_npy
+    monkeypatch.setattr(cache_mod, "_write_npy", full)
+    with pytest.raises(OSError, match="no space left on device.*free disk space"):
+        _build(tmp_path, x, ids)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []  # no half-written cache
+
+
 def _worker(root: str, log: str, barrier, queue) -> None:
     x, ids = _data()
     barrier.wait()

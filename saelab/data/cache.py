@@ -616,6 +616,12 @@ class CacheDataset(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise RuntimeError(
+                "CacheDataset yields one ordered stream; with num_workers > 1 every worker would repeat it. "
+                "Use DataLoader(..., batch_size=None, num_workers=0 or 1)."
+            )
         cache = ActivationCache(self.path, verify=self.verify)
         yield from cache.batches(
             self.batch_size, self.seed, self.start, self.rank, self.world_size, self.epochs, self.drop_last
