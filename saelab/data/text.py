@@ -124,10 +124,12 @@ def pack(
 
 
 def harvest(
-    host, contexts: Contexts, batch_size: int = 16, desc: str = "harvest"
+    host, contexts: Contexts, batch_size: int = 16, desc: str = "harvest", progress: bool = True
 ) -> Iterator[tuple[Float[Tensor, "n d_in"], Int[Tensor, " n"]]]:
     """Yield (acts, token_ids) chunks of the SAE positions, `batch_size` contexts per host forward."""
-    bar = tqdm(total=contexts.n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False)
+    bar = tqdm(
+        total=contexts.n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False, disable=not progress
+    )
     try:
         for i in range(0, len(contexts), batch_size):
             c = contexts.slice(i, i + batch_size)
@@ -197,7 +199,7 @@ class _Live(IterableDataset):
             sel = order[i : i + per_fwd]
             i += per_fwd
             c = Contexts(ctx.input_ids[sel], ctx.attention_mask[sel], ctx.sae_mask[sel])
-            pending.extend(harvest(dm.host, c, per_fwd, desc="stream"))
+            pending.extend(harvest(dm.host, c, per_fwd, progress=False))
             acts = torch.cat([a for a, _ in pending])
             ids = torch.cat([t for _, t in pending])
             pending = []
