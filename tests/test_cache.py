@@ -55,6 +55,10 @@ def test_permutation_is_a_bijection_and_seeded():
             assert np.array_equal(np.sort(p), np.arange(n))
     a, b = FeistelPermutation(1000, 0)(np.arange(1000)), FeistelPermutation(1000, 1)(np.arange(1000))
     assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
+    # well mixed: position and index are uncorrelated, and a short prefix spreads over the whole range
+    p = FeistelPermutation(4099, 0)(np.arange(4099))
+    assert abs(np.corrcoef(np.arange(4099), p)[0, 1]) < 0.05
+    assert len(np.unique(p[:256] * 8 // 4099)) == 8
     # pointwise evaluation agrees with the full permutation (random access for resume)
     assert np.array_equal(FeistelPermutation(1000, 0)(np.array([17, 3, 999])), a[[17, 3, 999]])
 
