@@ -1,0 +1,161 @@
+"""Concept dictionaries for SAE latents over item histories, and their interpretation confidence.
+
+RecSAE (arXiv:2411.06112, v1) builds a dictionary of concepts per latent from the items of the
+histories that activate it, then validates it by predicting the latent's activation on new histories
+from the dictionary alone; precision and recall of that prediction are the confidence. Concretely:
+
+1. Profile of a history h over item attributes a (genres, decade, title words), recency-weighted:
+       p_h(a) = Σ_t w_t·1[a ∈ attrs(i_t)] / Σ_t w_t,   w_t = decay^(T−t)  (decay 1 = uniform, 0 = last item)
+2. For latent j, the activation-weighted profile of its top-n activating histories on the fit split,
+       P_j(a) = Σ_{h∈top_j} z_j(h)·p_h(a) / Σ_{h∈top_j} z_j(h),
+   against the background B(a) = mean_h p_h(a):  lift_j(a) = P_j(a) / B(a).
+3. D_j = the (≤ max_concepts) attributes with lift ≥ min_lift and P_j(a) ≥ min_support.
+4. Concept score s_j(h) = Σ_{a∈D_j} log(lift_j(a))·p_h(a); predict "j active" iff s_j(h) ≥ τ_j, with τ_j
+   chosen on the fit split to maximise F1.
+5. On held-out histories: precision = P(active | predicted), recall = P(predicted | active),
+   confidence = F1 = 2PR/(P+R). A latent is confident when F1 ≥ the bar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+def history_profiles(
+    windows: Int[Tensor, "n L"],
+    item_attrs: Bool[Tensor, "n_items_1 n_attrs"],
+    decay: float = 1.0,
+    chunk: int = 4096,
+) -> Float[Tensor, "n n_attrs"]:
+    """p_h(a): recency-weighted share of the items of each (left-padded) history that have attribute a."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}.")
+    L = windows.shape[1]
+    age = torch.arange(L - 1, -1, -1, dtype=torch.float32)  # 0 for the newest (rightmost) item
+    w = torch.where(
+        age == 0, torch.ones(()), torch.tensor(decay) ** age
+    )  # 0^0 = 1: decay 0 keeps the last item
+    attrs = item_attrs.float()
+    out = []
+    for i in range(0, len(windows), chunk):
+        win = windows[i : i + chunk]
+        wt = w[None] * (win > 0)  # (chunk, L)
+        prof = torch.einsum("nl,nla->na", wt, attrs[win])
+        out.append(prof / wt.sum(1, keepdim=True).clamp_min(1e-12))
+    return torch.cat(out) if out else torch.zeros(0, item_attrs.shape[1])
+
+
+@dataclass
+class ConceptDictionary:
+    """Per latent: its concept attributes, their lifts, the score weights and the decision threshold."""
+
+    latents: Int[Tensor, " J"]  # latents with a non-empty concept set
+    concepts: list[list[int]]  # attribute indices per latent, highest lift first
+    lifts: list[list[float]]
+    weights: Float[Tensor, "n_attrs J"]  # log-lift on the concept attributes, 0 elsewhere
+    thresholds: Float[Tensor, " J"]
+    top_rows: Int[Tensor, "n_top J"]  # fit-split rows of each latent's top activations
+    attr_names: list[str]
+
+    def names(self, j: int) -> list[str]:
+        return [self.attr_names[a] for a in self.concepts[j]]
+
+    def scores(self, profiles: Float[Tensor, "n n_attrs"]) -> Float[Tensor, "n J"]:
+        return profiles @ self.weights
+
+    def predict(self, profiles: Float[Tensor, "n n_attrs"]) -> Bool[Tensor, "n J"]:
+        return self.scores(profiles) >= self.thresholds[None]
+
+
+def best_f1_thresholds(
+    scores: Float[Tensor, "n J"], active: Bool[Tensor, "n J"]
+) -> tuple[Float[Tensor, " J"], Float[Tensor, " J"]]:
+    """For each column, the threshold τ maximising the F1 of (score ≥ τ) against `active`, and that F1.
+
+    Cuts are only placed between distinct scores (ties fall on the same side).
+    """
+    n = scores.shape[0]
+    s, order = scores.sort(dim=0, descending=True)
+    tp = active.gather(0, order).float().cumsum(0)  # (n, J): true positives when predicting the top i+1
+    pos = active.float().sum(0)
+    k = torch.arange(1, n + 1, dtype=torch.float32)[:, None]
+    f1 = 2 * tp / (k + pos[None]).clamp_min(1)
+    cut_ok = torch.ones_like(s, dtype=torch.bool)
+    cut_ok[:-1] = s[:-1] > s[1:]
+    f1 = f1.masked_fill(~cut_ok, -1.0)
+    best, idx = f1.max(0)
+    return s.gather(0, idx[None])[0], best.clamp_min(0)
+
+
+@torch.no_grad()
+def build_dictionary(
+    codes: Float[Tensor, "n d_sae"],
+    profiles: Float[Tensor, "n n_attrs"],
+    attr_names: list[str],
+    n_top: int = 64,
+    min_lift: float = 1.5,
+    min_support: float = 0.1,
+    max_concepts: int = 3,
+    min_active: int = 10,
+    chunk: int = 256,
+) -> ConceptDictionary:
+    """Steps 2–4 of the module docstring on the fit split: concepts by lift, thresholds by best F1."""
+    n, d_sae = codes.shape
+    if profiles.shape[0] != n:
+        raise ValueError(f"codes have {n} rows but profiles have {profiles.shape[0]}.")
+    n_top = min(n_top, n)
+    background = profiles.mean(0).clamp_min(1e-9)  # (A,)
+    n_active = (codes > 0).sum(0)
+    latents, concepts, lifts, wcols, tops = [], [], [], [], []
+    for c0 in range(0, d_sae, chunk):
+        z = codes[:, c0 : c0 + chunk]
+        top_v, top_i = z.topk(n_top, dim=0)  # (n_top, c)
+        w = top_v.clamp_min(0)
+        prof = torch.einsum("tc,tca->ca", w, profiles[top_i]) / w.sum(0)[:, None].clamp_min(1e-12)  # (c, A)
+        lift = prof / background[None]
+        ok = (lift >= min_lift) & (prof >= min_support)
+        for jj in range(z.shape[1]):
+            j = c0 + jj
+            if int(n_active[j]) < min_active or not bool(ok[jj].any()):
+                continue
+            cand = ok[jj].nonzero(as_tuple=True)[0]
+            cand = cand[lift[jj, cand].argsort(descending=True)][:max_concepts]
+            col = torch.zeros(profiles.shape[1])
+            col[cand] = lift[jj, cand].log()
+            latents.append(j)
+            concepts.append(cand.tolist())
+            lifts.append(lift[jj, cand].tolist())
+            wcols.append(col)
+            tops.append(top_i[:, jj])
+    J = len(latents)
+    weights = torch.stack(wcols, 1) if J else torch.zeros(profiles.shape[1], 0)
+    thresholds = torch.zeros(J)
+    for c0 in range(0, J, chunk):
+        sl = slice(c0, c0 + chunk)
+        lat = torch.tensor(latents[sl], dtype=torch.long)
+        thresholds[sl] = best_f1_thresholds(profiles @ weights[:, sl], codes[:, lat] > 0)[0]
+    top_rows = torch.stack(tops, 1) if J else torch.zeros(n_top, 0, dtype=torch.long)
+    return ConceptDictionary(torch.tensor(latents, dtype=torch.long), concepts, lifts, weights, thresholds, top_rows,
+                             list(attr_names))  # fmt: skip
+
+
+@torch.no_grad()
+def confidence(
+    dictionary: ConceptDictionary, codes: Float[Tensor, "n d_sae"], profiles: Float[Tensor, "n n_attrs"]
+) -> dict[str, Tensor]:
+    """Precision, recall and F1 of predicting "latent active" from the dictionary on (held-out) rows."""
+    if len(dictionary.latents) == 0:
+        empty = torch.zeros(0)
+        return {"precision": empty, "recall": empty, "f1": empty, "n_active": empty, "n_predicted": empty}
+    pred = dictionary.predict(profiles).float()  # (n, J)
+    act = (codes[:, dictionary.latents] > 0).float()
+    tp = (pred * act).sum(0)
+    n_pred, n_act = pred.sum(0), act.sum(0)
+    precision = tp / n_pred.clamp_min(1)
+    recall = tp / n_act.clamp_min(1)
+    f1 = 2 * tp / (n_pred + n_act).clamp_min(1)
+    return {"precision": precision, "recall": recall, "f1": f1, "n_active": n_act, "n_predicted": n_pred}
