@@ -1,0 +1,114 @@
+"""`+experiment=recsae_sasrec` end to end on a tiny RecBole-format dataset, and the SASRec cache on rerun."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from saelab.data.movielens import load_interactions
+from saelab.data.recsae import RecSAEDataModule, history_windows, shuffle_windows
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def write_dataset(folder: Path, n_users: int = 40, n_items: int = 30, seed: int = 0) -> None:
+    """Users who each mostly watch one of three genres (so latents have concepts to find)."""
+    rng = random.Random(seed)
+    genres = ["Horror", "Comedy", "Western"]
+    by_genre = {g: [i for i in range(1, n_items + 1) if genres[i % 3] == g] for g in genres}
+    with open(folder / "tiny.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for u in range(1, n_users + 1):
+            fav = by_genre[genres[u % 3]]
+            for t in range(rng.randint(8, 16)):
+                item = rng.choice(fav) if rng.random() < 0.8 else rng.randint(1, n_items)
+                f.write(f"{u}\t{item}\t4\t{1000 * u + t}\n")
+    with open(folder / "tiny.item", "w") as f:
+        f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
+        for i in range(1, n_items + 1):
+            f.write(f"{i}\tFilm {i}\t{1960 + i}\t{genres[i % 3]}\n")
+
+
+def tiny_cfg(tmp_path: Path, run_dir: Path, extra=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[
+                "+experiment=recsae_sasrec",
+                "logger=none",
+                f"+run_dir={run_dir}",
+                f"data.corpus.data_dir={tmp_path}",
+                "data.corpus.dataset=tiny",
+                "data.corpus.min_word_items=100",
+                "data.d_in=16",
+                "data.host.max_len=6",
+                "data.batch_size=64",
+                "data.n_analysis=200",
+                "sae.d_sae=32",
+                "sae.activation.k=4",
+                "objective.terms.auxk.k_aux=8",
+                "trainer.max_steps=20",
+                "trainer.val_check_interval=10",
+                "sasrec_fit.max_epochs=2",
+                "sasrec_fit.batch_size=32",
+                "recsae.concepts.min_active=3",
+                "recsae.ablation.n_latents=2",
+                "recsae.ablation.n_users=100",
+                *extra,
+            ],
+        )
+
+
+def test_shuffled_windows_keep_items_and_padding():
+    wins, users, pos = history_windows([[1, 2, 3], [4, 5]], max_len=2)
+    assert wins.tolist() == [[0, 1], [1, 2], [2, 3], [0, 4], [4, 5]]
+    assert users.tolist() == [0, 0, 0, 1, 1] and pos.tolist() == [0, 1, 2, 0, 1]
+    big = torch.randint(1, 50, (200, 6)) * (torch.rand(200, 6) > 0.3)
+    big = big.sort(dim=1).values  # padding (0) on the left, as pad_left makes it
+    sh = shuffle_windows(big, torch.Generator().manual_seed(0))
+    assert torch.equal(sh.sort(dim=1).values, big)
+    assert torch.equal(sh == 0, big == 0)
+    assert not torch.equal(sh, big)
+
+
+def test_datamodule_needs_a_trained_host(tmp_path):
+    write_dataset(tmp_path)
+    corpus = load_interactions(str(tmp_path), "tiny")
+    with pytest.raises(ValueError, match="recsae recipe"):
+        RecSAEDataModule(d_in=16, host=None, corpus=corpus)
+
+
+def test_recsae_recipe_end_to_end_and_host_cache(tmp_path):
+    from saelab.recipes import recsae
+
+    write_dataset(tmp_path)
+    run_dir = tmp_path / "run"
+    results = recsae.run(tiny_cfg(tmp_path, run_dir))
+    m = results["metrics"]
+    for k in (5, 10, 20):
+        assert 0 <= m[f"sasrec/test_ndcg@{k}"] <= m[f"sasrec/test_hr@{k}"] <= 1
+        assert 0 <= m[f"sae/test_ndcg@{k}"] <= m[f"sae/test_hr@{k}"] <= 1
+    assert m["sasrec/test_hr@5"] <= m["sasrec/test_hr@10"] <= m["sasrec/test_hr@20"]
+    assert m["eval/l0"] == pytest.approx(4.0)
+    assert m["sae/train_steps"] == 20
+    assert m["concepts/n_confident"] <= m["concepts/n_with_concepts"] <= 32
+    assert len(results["latents"]) == m["concepts/n_with_concepts"]
+    assert all(a["mode"] in ("zero", "boost") and 0 <= a["p_value"] <= 1 for a in results["ablations"])
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk["metrics"]["sasrec/test_hr@10"] == pytest.approx(m["sasrec/test_hr@10"])
+    report = (run_dir / "report.md").read_text()
+    assert "Most confident concept latents" in report and "fidelity.png" in report
+    for f in ("host/sasrec.pt", "sae/cfg.json", "sae/sae_weights.safetensors", "fidelity.png", "density.png"):
+        assert (run_dir / f).exists(), f
+    assert m["sasrec/seconds"] > 0
+
+    # a rerun in the same run dir reuses the cached SASRec: same host metrics, no host training
+    again = recsae.run(tiny_cfg(tmp_path, run_dir, ["resume=auto"]))["metrics"]
+    assert again["sasrec/seconds"] == 0.0
+    assert again["sasrec/test_hr@10"] == m["sasrec/test_hr@10"]
+    assert again["sasrec/test_ndcg@10"] == m["sasrec/test_ndcg@10"]
