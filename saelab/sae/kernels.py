@@ -119,17 +119,16 @@ class SparseLayout:
 class SparseEncode(torch.autograd.Function):
     """vals = ReLU(π[rows, cols]) with π = (x − b_dec) W_enc + b_enc precomputed (without graph) by the caller.
 
-    Inputs: x, b_dec (or None when b_dec is not subtracted), W_enc, b_enc, π, layout. Only `vals` is an
-    output. The backward, with G = ∂L/∂π (non-zero at the nnz coordinates only, ReLU-gated):
+    Inputs: x, b_dec (or None when b_dec is not subtracted), W_enc, b_enc, then x_in = x − b_dec, π and
+    the layout (all three without gradient). Only `vals` is an output. The backward, with G = ∂L/∂π (non-zero at the nnz coordinates only, ReLU-gated):
         ∂L/∂W_enc = x_inᵀ G  (CSR product),  ∂L/∂b_enc = colsum(G),
         ∂L/∂x = G W_encᵀ (embedding-bag; only when x itself needs a gradient),
         ∂L/∂b_dec = −W_enc colsum(G)  (= −Σ_b ∂L/∂x_b, a mat-vec instead of a [batch, d_in] product).
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, pre, layout: SparseLayout):
+    def forward(ctx, x, b_dec, W_enc, b_enc, x_in, pre, layout: SparseLayout):
         vals = pre[layout.rows, layout.cols].relu()  # (nnz,)
-        x_in = x - b_dec if b_dec is not None else x
         ctx.save_for_backward(x_in, W_enc, vals)
         ctx.layout = layout
         return vals
@@ -142,7 +141,10 @@ class SparseEncode(torch.autograd.Function):
         g = grad_vals * (vals > 0)  # ReLU gate, (nnz,)
         grad_x = grad_bdec = grad_W = grad_benc = None
         if need_W:
-            grad_W = lay.t_matmul(g, x_in).t()  # (d_in, d_sae), a view of the [d_sae, d_in] product
+            grad_Wt = lay.t_matmul(g, x_in)  # (d_sae, d_in)
+            # hand back W_enc's own strides (AccumulateGrad would copy otherwise; DDP buckets expect them):
+            # W_enc = W_decᵀ-initialised SAEs store it column-major, so the transpose view is already right
+            grad_W = grad_Wt.t() if W_enc.t().is_contiguous() else grad_Wt.t().contiguous()
         colsum = lay.colsum(g) if (need_benc or need_bdec) else None  # (d_sae,)
         if need_benc:
             grad_benc = colsum
@@ -157,7 +159,7 @@ class SparseEncode(torch.autograd.Function):
             )
         if need_bdec:
             grad_bdec = -(W_enc @ colsum.to(W_enc.dtype))  # (d_in,)
-        return grad_x, grad_bdec, grad_W, grad_benc, None, None
+        return grad_x, grad_bdec, grad_W, grad_benc, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -211,14 +213,13 @@ def sparse_encode(
     with torch.no_grad():
         x_in = x - b_dec if b_dec is not None else x
         pre = torch.addmm(b_enc, x_in, W_enc)  # (batch, d_sae)
-        del x_in
         rows, cols = select(pre)
     layout, _ = SparseLayout.from_selection(rows, cols, pre.shape[0], pre.shape[1])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, b_dec, W_enc, b_enc)
     )
     if needs_grad:
-        vals = SparseEncode.apply(x, b_dec, W_enc, b_enc, pre, layout)
+        vals = SparseEncode.apply(x, b_dec, W_enc, b_enc, x_in, pre, layout)
     else:
         vals = pre[layout.rows, layout.cols].relu()
     return vals, layout, pre
