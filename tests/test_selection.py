@@ -211,3 +211,18 @@ def test_select_corpus_records_provenance(labelled, embedder, tmp_path, monkeypa
         select_corpus(seed, pool, "tracin", budget=5)
     with pytest.raises(ValueError, match="seed document"):
         select_bm25(Corpus("empty", [], []), pool, 5)
+
+
+def test_selection_config_instantiates(tmp_path):
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/data/corpus/physics_selected.yaml")
+    cfg.method, cfg.budget, cfg.out_path = "bm25", 5, str(tmp_path / "selected.json")
+    cfg.seed.max_docs, cfg.pool.max_docs = 3, 200
+    out = instantiate(cfg)
+    assert isinstance(out, Corpus) and len(out) == 5
+    assert set(out.ids) <= set(load_corpus("general", "train", max_docs=200).ids)
+    assert Corpus.load(tmp_path / "selected.json").ids == out.ids
