@@ -10,10 +10,12 @@ from the dictionary alone; precision and recall of that prediction are the confi
        P_j(a) = Σ_{h∈top_j} z_j(h)·p_h(a) / Σ_{h∈top_j} z_j(h),
    against the background B(a) = mean_h p_h(a):  lift_j(a) = P_j(a) / B(a).
 3. D_j = the (≤ max_concepts) attributes with lift ≥ min_lift and P_j(a) ≥ min_support.
-4. Concept score s_j(h) = Σ_{a∈D_j} log(lift_j(a))·p_h(a); predict "j active" iff s_j(h) ≥ τ_j, with τ_j
-   chosen on the fit split to maximise F1.
+4. Concept score s_j(h) = Σ_{a∈D_j} log(lift_j(a))·p_h(a); predict "j active" iff s_j(h) ≥ τ_j, with
+   τ_j > 0 (the history must hold concept items) chosen on the fit split to maximise F1.
 5. On held-out histories: precision = P(active | predicted), recall = P(predicted | active),
-   confidence = F1 = 2PR/(P+R). A latent is confident when F1 ≥ the bar.
+   confidence = F1 = 2PR/(P+R). A latent is confident when F1 ≥ the bar and F1 beats the trivial
+   "always active" predictor, whose F1 is 2ρ/(1+ρ) for a latent active on a share ρ of histories
+   (without this, a latent that fires on most histories looks confident whatever its concepts).
 """
 
 from __future__ import annotations
@@ -72,11 +74,12 @@ class ConceptDictionary:
 
 
 def best_f1_thresholds(
-    scores: Float[Tensor, "n J"], active: Bool[Tensor, "n J"]
+    scores: Float[Tensor, "n J"], active: Bool[Tensor, "n J"], min_score: float | None = None
 ) -> tuple[Float[Tensor, " J"], Float[Tensor, " J"]]:
     """For each column, the threshold τ maximising the F1 of (score ≥ τ) against `active`, and that F1.
 
-    Cuts are only placed between distinct scores (ties fall on the same side).
+    Cuts are only placed between distinct scores (ties fall on the same side); with `min_score`, only
+    thresholds τ > min_score are allowed (τ = +inf, predicting nothing, when none is).
     """
     n = scores.shape[0]
     s, order = scores.sort(dim=0, descending=True)
@@ -86,9 +89,12 @@ def best_f1_thresholds(
     f1 = 2 * tp / (k + pos[None]).clamp_min(1)
     cut_ok = torch.ones_like(s, dtype=torch.bool)
     cut_ok[:-1] = s[:-1] > s[1:]
+    if min_score is not None:
+        cut_ok &= s > min_score
     f1 = f1.masked_fill(~cut_ok, -1.0)
     best, idx = f1.max(0)
-    return s.gather(0, idx[None])[0], best.clamp_min(0)
+    tau = s.gather(0, idx[None])[0].masked_fill(best < 0, float("inf"))
+    return tau, best.clamp_min(0)
 
 
 @torch.no_grad()
@@ -137,7 +143,8 @@ def build_dictionary(
     for c0 in range(0, J, chunk):
         sl = slice(c0, c0 + chunk)
         lat = torch.tensor(latents[sl], dtype=torch.long)
-        thresholds[sl] = best_f1_thresholds(profiles @ weights[:, sl], codes[:, lat] > 0)[0]
+        # τ > 0: a history is predicted active only if it holds items with the concept attributes
+        thresholds[sl] = best_f1_thresholds(profiles @ weights[:, sl], codes[:, lat] > 0, min_score=0.0)[0]
     top_rows = torch.stack(tops, 1) if J else torch.zeros(n_top, 0, dtype=torch.long)
     return ConceptDictionary(torch.tensor(latents, dtype=torch.long), concepts, lifts, weights, thresholds, top_rows,
                              list(attr_names))  # fmt: skip
@@ -150,7 +157,10 @@ def confidence(
     """Precision, recall and F1 of predicting "latent active" from the dictionary on (held-out) rows."""
     if len(dictionary.latents) == 0:
         empty = torch.zeros(0)
-        return {"precision": empty, "recall": empty, "f1": empty, "n_active": empty, "n_predicted": empty}
+        return {
+            k: empty
+            for k in ("precision", "recall", "f1", "n_active", "n_predicted", "base_rate", "baseline_f1")
+        }
     pred = dictionary.predict(profiles).float()  # (n, J)
     act = (codes[:, dictionary.latents] > 0).float()
     tp = (pred * act).sum(0)
@@ -158,4 +168,13 @@ def confidence(
     precision = tp / n_pred.clamp_min(1)
     recall = tp / n_act.clamp_min(1)
     f1 = 2 * tp / (n_pred + n_act).clamp_min(1)
-    return {"precision": precision, "recall": recall, "f1": f1, "n_active": n_act, "n_predicted": n_pred}
+    rate = n_act / max(1, len(act))
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "n_active": n_act,
+        "n_predicted": n_pred,
+        "base_rate": rate,
+        "baseline_f1": 2 * rate / (1 + rate),  # F1 of predicting "active" for every history
+    }
