@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 
 from saelab.data.movielens import load_interactions
 from saelab.data.recsae import RecSAEDataModule, history_windows, shuffle_windows
-
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def write_dataset(folder: Path, n_users: int = 40, n_items: int = 30, seed: int = 0) -> None:
@@ -35,33 +33,31 @@ def write_dataset(folder: Path, n_users: int = 40, n_items: int = 30, seed: int 
 
 
 def tiny_cfg(tmp_path: Path, run_dir: Path, extra=()):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(
-            config_name="config",
-            overrides=[
-                "+experiment=recsae_sasrec",
-                "logger=none",
-                f"+run_dir={run_dir}",
-                f"data.corpus.data_dir={tmp_path}",
-                "data.corpus.dataset=tiny",
-                "data.corpus.min_word_items=100",
-                "data.d_in=16",
-                "data.host.max_len=6",
-                "data.batch_size=64",
-                "data.n_analysis=200",
-                "sae.d_sae=32",
-                "sae.activation.k=4",
-                "objective.terms.auxk.k_aux=8",
-                "trainer.max_steps=20",
-                "trainer.val_check_interval=10",
-                "sasrec_fit.max_epochs=2",
-                "sasrec_fit.batch_size=32",
-                "recsae.concepts.min_active=3",
-                "recsae.ablation.n_latents=2",
-                "recsae.ablation.n_users=100",
-                *extra,
-            ],
-        )
+    return compose_cfg(
+        [
+            "+experiment=recsae_sasrec",
+            "logger=none",
+            f"+run_dir={run_dir}",
+            f"data.corpus.data_dir={tmp_path}",
+            "data.corpus.dataset=tiny",
+            "data.corpus.min_word_items=100",
+            "data.d_in=16",
+            "data.host.max_len=6",
+            "data.batch_size=64",
+            "data.n_analysis=200",
+            "sae.d_sae=32",
+            "sae.activation.k=4",
+            "objective.terms.auxk.k_aux=8",
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=10",
+            "sasrec_fit.max_epochs=2",
+            "sasrec_fit.batch_size=32",
+            "recsae.concepts.min_active=3",
+            "recsae.ablation.n_latents=2",
+            "recsae.ablation.n_users=100",
+            *extra,
+        ],
+    )
 
 
 def test_shuffled_windows_keep_items_and_padding():
