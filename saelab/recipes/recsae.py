@@ -283,13 +283,18 @@ def run(cfg: DictConfig) -> dict:
                  f"{metrics['concepts/n_confident']} reach held-out F1 ≥ {bar} and beat the 'always active' "
                  f"predictor (precision and recall ≥ {bar}: {metrics['concepts/n_confident_pr']}). The dictionary "
                  f"is built on {len(fit_rows['acts'])} histories of half the users and scored on "
-                 f"{len(held_rows['acts'])} histories of the other half.\n\n"
+                 f"{len(held_rows['acts'])} histories of the other half. Concepts are attributes whose "
+                 f"recency-weighted share (decay {decay}) in the latent's top-activating histories exceeds "
+                 "their background share (lift); example movies are the newest items of those histories.\n\n"
                  + table(["latent", "F1", "F1 of 'always active'", "precision", "recall", "active (held-out)",
                           "concepts (lift)", "example movies"], rows_tbl)),
                 ("Latent ablation",
                  f"Δ = change in the share of top-{top_k} recommendations carrying the latent's first concept; "
-                 "zero on histories where the latent is active, boost where it is not; p from a paired t-test "
-                 "over histories.\n\n"
+                 "zero on histories where the latent is active, boost (to "
+                 f"{float(ac.get('boost_scale', 2.0))}× its largest fit-split activation) where it is not; "
+                 + ("the change D(z') − D(z) is added to the original representation"
+                    if bool(ac.get("keep_error", True)) else "D(z') is compared with D(z)")
+                 + "; p from a paired t-test over histories.\n\n"
                  + table(["latent", "concept", "mode", "users", "share before", "share after", "Δ", "p",
                           "lists changed"], abl_rows)),
                 ("Metrics", table(["metric", "value"], sorted(metrics.items()))),
