@@ -55,7 +55,7 @@ class SparseLayout:
     @classmethod
     def from_selection(
         cls, rows: Tensor, cols: Tensor, batch: int, d_sae: int
-    ) -> tuple[SparseLayout, Tensor]:
+    ) -> tuple[SparseLayout, Tensor | None]:
         """Layout with column indices sorted within each row (as cuSPARSE expects); also returns the
         permutation applied to the selection (None when it was already sorted)."""
         key = rows * d_sae + cols  # (nnz,) row-major linear index; rows arrive sorted
@@ -98,6 +98,8 @@ class SparseLayout:
     ) -> Float[Tensor, "d_sae n"]:
         """Fᵀ · dense, in dense's dtype."""
         wd = _work_dtype(dense.dtype)
+        if self.nnz == 0:
+            return dense.new_zeros(self.d_sae, dense.shape[1])
         # in-place into an uninitialised buffer with beta=0 (its contents are ignored): `csr @ dense` would
         # zero-fill a result and copy a second one into it, two extra passes over [d_sae, n]
         out = torch.empty(self.d_sae, dense.shape[1], dtype=wd, device=dense.device)
@@ -107,6 +109,8 @@ class SparseLayout:
     def sampled(self, a: Float[Tensor, "batch n"], b: Float[Tensor, "d_sae n"]) -> Float[Tensor, " nnz"]:
         """(a bᵀ)[rows, cols]: the product evaluated at the nnz coordinates only (SDDMM)."""
         wd = _work_dtype(a.dtype)
+        if self.nnz == 0:
+            return a.new_zeros(0)
         pattern = self.csr(a.new_zeros(self.nnz, dtype=wd))
         out = torch.sparse.sampled_addmm(pattern, a.to(wd), b.to(wd).t(), beta=0.0)
         return out.values().to(a.dtype)
@@ -120,7 +124,8 @@ class SparseEncode(torch.autograd.Function):
     """vals = ReLU(π[rows, cols]) with π = (x − b_dec) W_enc + b_enc precomputed (without graph) by the caller.
 
     Inputs: x, b_dec (or None when b_dec is not subtracted), W_enc, b_enc, then x_in = x − b_dec, π and
-    the layout (all three without gradient). Only `vals` is an output. The backward, with G = ∂L/∂π (non-zero at the nnz coordinates only, ReLU-gated):
+    the layout (all three without gradient). Only `vals` is an output. The backward, with G = ∂L/∂π
+    (non-zero at the nnz coordinates only, ReLU-gated):
         ∂L/∂W_enc = x_inᵀ G  (CSR product),  ∂L/∂b_enc = colsum(G),
         ∂L/∂x = G W_encᵀ (embedding-bag; only when x itself needs a gradient),
         ∂L/∂b_dec = −W_enc colsum(G)  (= −Σ_b ∂L/∂x_b, a mat-vec instead of a [batch, d_in] product).
