@@ -100,6 +100,19 @@ def window_exclusion(windows: torch.Tensor, n_items: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- the recipe
 def run(cfg: DictConfig) -> dict:
+    """The whole pipeline; `recsae.torch_threads` sets torch's intra-op threads for its duration."""
+    threads = (cfg.get("recsae") or {}).get("torch_threads")
+    before = torch.get_num_threads()
+    if threads:
+        # width-64 matmuls gain little from threads and lose much when the cores are oversubscribed
+        torch.set_num_threads(int(threads))
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     rc = cfg.get("recsae") or OmegaConf.create({})
@@ -107,9 +120,6 @@ def run(cfg: DictConfig) -> dict:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     host_cfg, corpus_cfg = data_cfg.pop("host"), data_cfg.pop("corpus")
     t_start = time.perf_counter()
-    if rc.get("torch_threads"):
-        # tiny matmuls (width 64) gain little from threads and lose much when cores are oversubscribed
-        torch.set_num_threads(int(rc.torch_threads))
 
     corpus: Interactions = instantiate(corpus_cfg)
     host, host_info = train_host(cfg, run_dir, corpus, host_cfg)
