@@ -119,3 +119,37 @@ def test_online_corpus_without_datasets_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
     with pytest.raises(ImportError, match="pip install datasets.*offline corpus"):
         load_hf_corpus("Skylion007/openwebtext")
+
+
+def test_online_corpus_reads_filters_and_explains_offline(monkeypatch):
+    import types
+
+    rows = [
+        {"id": "a1", "abstract": "Dark matter halos.", "categories": "astro-ph.CO"},
+        {"id": "a2", "abstract": "Protein folding.", "categories": "q-bio.BM"},
+        {"id": "a3", "abstract": "  ", "categories": "hep-th"},
+        {"id": "a4", "abstract": "Quantum error correction.", "categories": "quant-ph cs.IT"},
+        {"id": "a5", "abstract": "Lattice QCD.", "categories": "hep-lat"},
+    ]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda path, name, split, streaming: iter(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    c = load_hf_corpus(
+        "x/arxiv",
+        text_field="abstract",
+        id_field="id",
+        filter_field="categories",
+        filter_contains=["astro-ph", "hep-", "quant-ph"],
+        max_docs=2,
+    )
+    assert c.ids == ["x/arxiv:a1", "x/arxiv:a4"] and c.texts == [
+        "Dark matter halos.",
+        "Quantum error correction.",
+    ]
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'x/arxiv' on the Hub")
+
+    fake.load_dataset = offline
+    with pytest.raises(ConnectionError, match="network access.*offline, pick one of"):
+        load_hf_corpus("x/arxiv")

@@ -520,19 +520,20 @@ def load_hf_corpus(
             "saelab does not install. Run `pip install datasets` (with network access), or pick an offline "
             f"corpus: {sorted(CORPORA)}."
         ) from e
-    ds = datasets.load_dataset(path, name, split=split, streaming=streaming)
     texts, ids = [], []
-    for i, row in enumerate(ds):
-        if filter_field is not None and filter_contains:
-            if not any(s in str(row.get(filter_field, "")) for s in filter_contains):
-                continue
-        text = str(row[text_field]).strip()
-        if not text:
-            continue
-        texts.append(text)
-        ids.append(f"{path}:{row[id_field] if id_field else i}")
-        if len(texts) >= max_docs:
-            break
+    try:
+        ds = datasets.load_dataset(path, name, split=split, streaming=streaming)
+        for i, row in enumerate(ds):
+            if _keep_row(row, filter_field, filter_contains) and str(row[text_field]).strip():
+                texts.append(str(row[text_field]).strip())
+                ids.append(f"{path}:{row[id_field] if id_field else i}")
+                if len(texts) >= max_docs:
+                    break
+    except (ConnectionError, OSError) as e:  # offline, unknown dataset, or a failed download
+        raise ConnectionError(
+            f"could not read the Hugging Face dataset {path!r} ({type(e).__name__}: {e}). Online corpora need "
+            f"network access or a local datasets cache; offline, pick one of {sorted(CORPORA)}."
+        ) from e
     prov = {
         "hf_dataset": path,
         "config": name,
@@ -541,3 +542,7 @@ def load_hf_corpus(
         "max_docs": max_docs,
     }
     return Corpus(path if name is None else f"{path}/{name}", texts, ids, prov)
+
+
+def _keep_row(row: dict, field: str | None, contains: list[str] | None) -> bool:
+    return field is None or not contains or any(s in str(row.get(field, "")) for s in contains)
