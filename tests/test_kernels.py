@@ -215,3 +215,33 @@ def test_topk_grads_match_sparsify_when_all_selected_are_positive():
         (sae.b_dec.grad, sc.b_dec.grad),
     ]:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def test_bench_topk_quick_prints_parity_table_and_ratio(capsys):
+    _sparsify()
+    from saelab.bench.__main__ import main
+
+    assert main(["--quick", "--steps", "1", "--no-memory", "--device", "cpu", "--sections", "topk"]) == 0
+    text = capsys.readouterr().out
+    parity_line = next(line for line in text.splitlines() if line.startswith("parity: max |Δx̂| = "))
+    assert float(parity_line.split("= ")[1].split(",")[0]) < 1e-4
+    assert "saelab/sparsify" in text and "samples/s" in text
+
+
+def test_bench_skips_missing_sections_and_peers(monkeypatch):
+    import argparse
+
+    from saelab.bench import SectionUnavailable, topk
+    from saelab.bench.__main__ import run_section
+
+    args = argparse.Namespace(quick=True, steps=1, device="cpu", memory=False)
+    assert run_section("no_such_section", args) == [
+        "[no_such_section] skipped: section not available in this checkout"
+    ]
+
+    def missing():
+        raise SectionUnavailable("EleutherAI sparsify is not installed")
+
+    monkeypatch.setattr(topk, "_sparsify_version", missing)
+    assert run_section("topk", args) == ["[topk] skipped: EleutherAI sparsify is not installed"]
