@@ -277,7 +277,7 @@ def main(args: argparse.Namespace) -> list[str]:
         f"TopK SAE training step, {size}, fp32, {device}"
         + (
             f" ({torch.get_num_threads()} threads)"
-            if device == "cpu"
+            if device.startswith("cpu")
             else f" ({torch.cuda.get_device_name()})"
         ),
         f"saelab vs sparsify {version} (SparseCoder), torch {torch.__version__}; Adam lr={LR}, FVU loss, "
@@ -312,4 +312,17 @@ def main(args: argparse.Namespace) -> list[str]:
     )
     if all(isinstance(m, float) for m in mem):
         lines.append(f"peak step memory saelab/sparsify: {mem[0] / mem[1]:.2f}x")
+        lines.append(
+            "(peak step MiB: "
+            + (
+                "allocator peak above weights + optimiser state"
+                if device.startswith("cuda")
+                else "peak RSS growth during one warm step, each in a fresh process"
+            )
+            + ")"
+        )
+    if device.startswith("cpu") and hasattr(os, "getloadavg"):
+        lines.append(
+            f"(machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+        )
     return lines
