@@ -67,6 +67,7 @@ def test_planted_latent_is_ranked_first(tmp_path):
     labels[:, 1] = torch.rand(n, generator=g) < 0.2
     codes = torch.rand(n, d_sae, generator=g) * (torch.rand(n, d_sae, generator=g) < 0.05)
     # decoys: one fires on a superset of the annotation, one on a subset
+    codes[:, [3, 4]] = 0.0
     codes[80:200, 3] = 2.0
     codes[110:140, 4] = 2.0
     codes[:, 17] = 0.0
@@ -79,5 +80,8 @@ def test_planted_latent_is_ranked_first(tmp_path):
     assert top["precision"] == 1.0 and top["recall"] == 1.0 and top["active_annotated"] == 60
     assert res.pvalues[0, 0, 17] == res.pvalues[0, 0].min()
     assert res.n_significant(0.05)[0, 0] >= 3
+    # by precision the subset decoy ties with the planted latent (both 1.0); the p-value breaks the tie
+    assert res.ranked("zinc_finger", 0, by="precision")[:2] == [17, 4]
+    assert 4 not in res.ranked("zinc_finger", 0, by="precision", min_support=31)
     heatmap(res, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000

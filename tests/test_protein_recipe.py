@@ -9,7 +9,7 @@ from test_protein_host import make_tiny_esm
 
 from saelab.recipes.protein import run
 
-# three entries × 8 = 24 sequences with transmembrane and zinc-finger regions (old feature-table format)
+# three entries × 8 = 24 sequences with transmembrane and zinc-finger regions (current feature-table format)
 ENTRY = """\
 ID   T{i}_TEST                Reviewed;          {n} AA.
 AC   P{i:05d};
@@ -17,8 +17,10 @@ DE   RecName: Full=Test {i};
 OS   Homo sapiens (Human).
 OC   Eukaryota.
 OX   NCBI_TaxID=9606;
-FT   TRANSMEM      {a}     {b}       Helical.
-FT   ZN_FING       {c}     {d}       C2H2-type.
+FT   TRANSMEM        {a}..{b}
+FT                   /note="Helical"
+FT   ZN_FING         {c}..{d}
+FT                   /note="C2H2-type"
 SQ   SEQUENCE   {n} AA;  5000 MW;  0000000000000000 CRC64;
      {seq}
 //
@@ -40,7 +42,7 @@ def _flatfile(path):
             + zf
             + "".join(rnd.choice("DEKRSTNQAG") for _ in range(6))
         )
-        a, c = 6, 6 + 19 + 4
+        a, c = 6, 6 + 19 + 4  # 1-based starts of the TM helix and the zinc finger
         text.append(ENTRY.format(i=i, n=len(seq), a=a, b=a + 18, c=c, d=c + len(zf) - 1, seq=seq))
     path.write_text("".join(text))
     return path

@@ -118,16 +118,23 @@ class EnrichmentResult:
         """[n_thresholds, n_labels] number of latents with q < alpha."""
         return (self.qvalues < alpha).sum(-1)
 
-    def ranked(self, annotation: str, t: int = 0, alpha: float = 0.05) -> list[int]:
+    def ranked(
+        self, annotation: str, t: int = 0, alpha: float = 0.05, by: str = "f1", min_support: int = 1
+    ) -> list[int]:
         """Latents that pass FDR `alpha` for `annotation` at threshold index t, best first.
 
-        Ranked by F1 of (precision, recall), then by p-value: a latent that fires on exactly the
-        annotated residues has F1 = 1 and comes first.
+        `by="f1"` ranks by F1 of (precision, recall), then by p-value: a latent that fires on exactly
+        the annotated residues has F1 = 1 and comes first. `by="precision"` ranks by P(annotated | active)
+        (the most specific latents, used to steer), then by p-value. Latents active on fewer than
+        `min_support` annotated residues are left out.
         """
+        if by not in ("f1", "precision"):
+            raise ValueError(f"rank latents by 'f1' or 'precision', not {by!r}.")
         a = self.names.index(annotation)
-        sig = np.nonzero(self.qvalues[t, a] < alpha)[0]
-        keys = sorted(sig.tolist(), key=lambda j: (-self.f1[t, a, j], self.pvalues[t, a, j], j))
-        return keys
+        score = self.f1[t, a] if by == "f1" else self.precision[t, a]
+        ok = (self.qvalues[t, a] < alpha) & (self.counts.active_pos[t, a] >= min_support)
+        sig = np.nonzero(ok)[0]
+        return sorted(sig.tolist(), key=lambda j: (-score[j], self.pvalues[t, a, j], j))
 
     def top(self, annotation: str, t: int = 0, k: int = 5, alpha: float = 0.05) -> list[dict]:
         """The best k latents for an annotation with their statistics (for tables and results.json)."""

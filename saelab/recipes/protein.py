@@ -115,7 +115,8 @@ def run(cfg: DictConfig) -> dict:
             if target not in enr.names:
                 steering[target] = {"skipped": f"{target} is not among the annotation labels"}
                 continue
-            latents = enr.ranked(target, ti, pc.alpha)[: int(st.n_latents)]
+            latents = enr.ranked(target, ti, pc.alpha, by=st.select, min_support=int(st.min_support))
+            latents = latents[: int(st.n_latents)]
             if not latents:
                 steering[target] = {"skipped": f"no latent passes FDR {pc.alpha} for {target}", "latents": []}
                 continue
@@ -214,13 +215,18 @@ def run(cfg: DictConfig) -> dict:
         fid_md = table(
             ["metric", "value"],
             [[k, v] for k, v in fid.items()]
-            + [["explained_variance", ev["explained_variance"]], ["l0", ev["l0"]]],
+            + [[k, ev[k]] for k in ("explained_variance", "l0", "dead_frac") if k in ev],
         )
         notes = [DOMAIN_NOTE] if host.name == "antiberty" else []
         notes.append(
             f"Host {host.name}, hook {host.hook} (d_in {host.d_in}); {len(dm.records)} sequences "
             f"({len(dm.acts)} residues), {len(dm.val_seqs)} held out for fidelity. Enrichment counts every "
-            f"residue; BH over all latents × annotations per threshold; best latent ranked by F1 at τ={thresholds[ti]:g}."
+            f"residue; BH over all latents × annotations per threshold; best latent ranked by F1 at τ={thresholds[ti]:g}. "
+            "The Fisher test treats residues as independent, but annotations are contiguous regions inside "
+            "proteins (and latents often fire on whole proteins), so the counts of significant latents are "
+            "generous; the precision/recall columns show the effect sizes. Steering clamps the "
+            f"{st.n_latents} latents of highest {st.select} (q < {pc.alpha:g}, at least {st.min_support} "
+            "annotated active residues)."
         )
         write_report(
             run_dir,
