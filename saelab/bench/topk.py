@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> list[str]:
     device = str(getattr(args, "device", None) or "cpu")
     quick = bool(getattr(args, "quick", False))
     size = QUICK if quick else FULL
-    steps = getattr(args, "steps", None) or (10 if quick else 6)
+    steps = getattr(args, "steps", None) or (20 if quick else 12)
     warmup = 2
     torch.manual_seed(0)
 
