@@ -63,3 +63,13 @@ def test_evaluate_a_perfect_sae_on_synthetic_truth():
     res = evaluate_sae(sae, batches, true_features=feats.directions)
     assert res["feature_recovery"] == pytest.approx(1.0, abs=1e-5) and res["frac_recovered"] == 1.0
     assert res["explained_variance"] > 0.99 and res["n_tokens"] == 768
+
+
+def test_synthetic_truth_is_independent_of_sae_init():
+    from saelab.data.synthetic import SyntheticFeatures
+    from saelab.eval.metrics import max_cosine
+
+    feats = SyntheticFeatures(d_in=32, n_features=64, n_parents=2, children_per_parent=2, seed=0)
+    sae = SAE(32, 64, TopK(4), seed=0)
+    # an untrained SAE must not start at the answer (same seed, same shapes)
+    assert max_cosine(feats.directions, sae.W_dec).mean() < 0.8

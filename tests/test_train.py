@@ -37,12 +37,12 @@ def saelab(*args: str, run_dir: Path, check: bool = True, **kw) -> subprocess.Co
 
 
 def test_topk_on_synthetic_recovers_features_and_exports(tmp_path):
-    p = saelab("sae=topk", "data=synthetic", "logger=csv", "trainer.max_steps=400", run_dir=tmp_path)
+    p = saelab("sae=topk", "data=synthetic", "logger=csv", run_dir=tmp_path)  # the README's default command
     assert "eval/feature_recovery" in p.stdout
     res = json.loads((tmp_path / "results.json").read_text())["metrics"]
-    # a TopK SAE with as many latents as true features recovers most of them (cos > 0.9)
-    assert res["eval/frac_recovered"] > 0.9, res
-    assert res["eval/l0"] <= 8 and res["eval/explained_variance"] > 0.6
+    # 512 TopK latents on 256 true features in 64 dims: most are recovered (measured 0.95 at cos > 0.9)
+    assert res["eval/frac_recovered"] > 0.85, res
+    assert res["eval/feature_recovery"] > 0.9 and res["eval/l0"] <= 8 and res["eval/explained_variance"] > 0.8
     for f in ("report.md", "density.png", "recovery.png", "sae/cfg.json", "checkpoints/train/last.ckpt"):
         assert (tmp_path / f).exists(), f
     ckpt = torch.load(tmp_path / "checkpoints/train/last.ckpt", weights_only=False)

@@ -40,7 +40,8 @@ class SyntheticFeatures:
                 f"n_features={n_features}."
             )
         self.d_in, self.n_features, self.noise, self.seed = d_in, n_features, noise, seed
-        g = torch.Generator().manual_seed(seed)
+        # salted so the ground truth never coincides with an SAE initialised from the same seed
+        g = torch.Generator().manual_seed(seed * 7919 + 104_729)
         d = torch.randn(n_features, d_in, generator=g)
         self.directions: Float[Tensor, "n_features d_in"] = d / d.norm(dim=1, keepdim=True)
         p = (torch.arange(n_features, dtype=torch.float64) + 1) ** (-power)
@@ -103,9 +104,9 @@ class SyntheticDataModule(pl.LightningDataModule):
     def __init__(
         self,
         d_in: int = 64,
-        n_features: int = 512,
+        n_features: int = 256,
         batch_size: int = 1024,
-        mean_active: float = 8.0,
+        mean_active: float = 4.0,
         power: float = 0.8,
         n_parents: int = 8,
         children_per_parent: int = 3,
