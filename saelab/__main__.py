@@ -14,13 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 
-def _add_searchpath(argv: list[str]) -> list[str]:
-    """Make the top-level `sweeps/` folder a config group (+sweeps=NAME) wherever saelab is run from."""
-    if any(a.startswith("hydra.searchpath") for a in argv):
-        return argv
-    return [*argv, f"hydra.searchpath=[file://{ROOT}]"]
-
-
 def friendly_error(exc: BaseException) -> str:
     """The innermost cause of an exception, as one line a user can act on."""
     while exc.__cause__ is not None or exc.__context__ is not None:
@@ -44,7 +37,6 @@ def run_recipe(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig):
-    os.environ.setdefault("SAELAB_ROOT", str(ROOT))
     try:
         results = run_recipe(cfg)
     except KeyboardInterrupt:
@@ -62,6 +54,8 @@ def main(cfg: DictConfig):
     return None
 
 
+# conf/config.yaml puts ${SAELAB_ROOT} on Hydra's search path, so sweeps/ resolves from any working dir
+os.environ.setdefault("SAELAB_ROOT", str(ROOT))
+
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *_add_searchpath(sys.argv[1:])]
     main()

@@ -15,6 +15,7 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SAELAB_ROOT", str(ROOT))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
