@@ -32,8 +32,10 @@ class SyntheticFeatures:
         noise: float = 0.0,
         seed: int = 0,
     ) -> None:
-        if n_features < 1 or d_in < 1:
-            raise ValueError("synthetic data needs d_in >= 1 and n_features >= 1.")
+        if d_in is None or d_in < 1:
+            raise ValueError(f"synthetic data needs a positive width, got d_in={d_in!r}: set data.d_in.")
+        if n_features is None or n_features < 1:
+            raise ValueError(f"synthetic data needs n_features >= 1, got {n_features!r}: set data.n_features.")
         if n_parents * (1 + children_per_parent) > n_features:
             raise ValueError(
                 f"n_parents*(1+children_per_parent)={n_parents * (1 + children_per_parent)} exceeds "
@@ -67,7 +69,7 @@ class SyntheticFeatures:
         mags = 0.5 + torch.rand(n, self.n_features, generator=g)
         coeffs = active.float() * mags
         x = coeffs @ self.directions
-        if self.noise > 0:
+        if self.noise != 0:  # nan noise is honoured too (it is how the NaN-loss path is tested)
             x = x + self.noise * torch.randn(n, self.d_in, generator=g)
         return x, coeffs
 

@@ -110,12 +110,16 @@ class SAE(nn.Module):
     def decode(self, codes: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_in"]:
         return codes @ self.W_dec + self.b_dec
 
-    def forward(self, x: Float[Tensor, "batch d_in"]) -> SAEOutput:
+    def check_input(self, x: Tensor) -> None:
+        """One clear message when the data width and `sae.d_in` disagree."""
         if x.shape[-1] != self.d_in:
             raise ValueError(
                 f"SAE expects inputs of width d_in={self.d_in}, got {tuple(x.shape)}: "
                 "the data source and sae.d_in disagree."
             )
+
+    def forward(self, x: Float[Tensor, "batch d_in"]) -> SAEOutput:
+        self.check_input(x)
         x = x.to(self.W_enc.dtype)
         if not getattr(self.activation, "sparse", False):
             pre = self.encode_pre(x)
@@ -153,6 +157,7 @@ class SAE(nn.Module):
         """Set b_dec from a data sample (geometric median or mean), once."""
         if bool(self.b_dec_initialized):
             return
+        self.check_input(x)
         x = x.to(torch.float32)
         center = geometric_median(x) if self.b_dec_init == "geometric_median" else x.mean(0)
         self.b_dec.copy_(center.to(self.b_dec.dtype))
