@@ -35,7 +35,9 @@ class SyntheticFeatures:
         if d_in is None or d_in < 1:
             raise ValueError(f"synthetic data needs a positive width, got d_in={d_in!r}: set data.d_in.")
         if n_features is None or n_features < 1:
-            raise ValueError(f"synthetic data needs n_features >= 1, got {n_features!r}: set data.n_features.")
+            raise ValueError(
+                f"synthetic data needs n_features >= 1, got {n_features!r}: set data.n_features."
+            )
         if n_parents * (1 + children_per_parent) > n_features:
             raise ValueError(
                 f"n_parents*(1+children_per_parent)={n_parents * (1 + children_per_parent)} exceeds "
