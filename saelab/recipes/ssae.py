@@ -408,5 +408,7 @@ def _coverage_table(metrics: dict) -> tuple[list[str], list[list]]:
     headers = ["corpus count", "test tokens", *SAES]
     rows = []
     for i, (b, n) in enumerate(zip(cov["bins"], cov["bin_tokens"], strict=True)):
+        if n == 0:  # no test token falls in this frequency bin: nothing to report
+            continue
         rows.append([b, n, *[metrics[s]["domain"]["coverage"]["coverage"][i] for s in SAES]])
     return headers, rows
