@@ -6,7 +6,9 @@ Everything is constructed with `hydra.utils.instantiate`; library classes receiv
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.lit import LitSAE, batch_acts
 from saelab.objectives import Objective
+
+
+class _DropAdvertisement(logging.Filter):
+    """Lightning's logger-connector prints a product tip on every `Trainer`; a multi-stage recipe shows it
+    once per fit. Its other info lines (devices, stop reason) pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage().lower()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvertisement())
+# Lightning's own pytree helper trips a torch deprecation on every fit; nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 @dataclass
