@@ -31,7 +31,8 @@ class _DropAdvertisement(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvertisement())
-# Lightning's own pytree helper trips a torch deprecation on every fit; nothing a user can act on
+# Lightning's own pytree helper trips a torch deprecation on every fit; nothing a user can act on.
+# Set here, not in __main__, because joblib sweep workers and DDP processes import this module too.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 

@@ -93,3 +93,17 @@ def test_ssae_tiny_end_to_end(cfg_factory, tmp_path):
         assert (run_dir / f).stat().st_size > 0
     report = (run_dir / "report.md").read_text()
     assert "ppl_vs_l0.png" in report and "coverage.png" in report and "| term |" in report
+
+
+def test_coverage_table_leaves_out_bins_without_test_tokens():
+    cov = {
+        name: {"domain": {"coverage": {"bins": ["0", "1–9", "≥10"], "bin_tokens": [5, 0, 7], "coverage": c}}}
+        for name, c in (
+            ("general", [0.2, float("nan"), 1.0]),
+            ("erm", [0.4, float("nan"), 0.5]),
+            ("term", [0.6, 0.0, 0.25]),
+        )
+    }
+    headers, rows = ssae._coverage_table(cov)
+    assert headers == ["corpus count", "test tokens", "general", "erm", "term"]
+    assert rows == [["0", 5, 0.2, 0.4, 0.6], ["≥10", 7, 1.0, 0.5, 0.25]]
