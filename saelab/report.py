@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.io.atomic import atomic_write_json, atomic_write_text
+from saelab.files import atomic_write_json, atomic_write_text
 
 
 def clean(obj):

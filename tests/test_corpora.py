@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from saelab.data.corpora import CORPORA, Corpus, load_corpus, load_hf_corpus, split_of, strip_wiki_markup
+from saelab.corpora.text import CORPORA, Corpus, load_corpus, load_hf_corpus, split_of, strip_wiki_markup
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "data" / "corpus"
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.io import atomic_dir, load_sae, load_sparsify, save_sae, save_sparsify
+from saelab.files import atomic_dir
+from saelab.io import load_sae, load_sparsify, save_sae, save_sparsify
 from saelab.sae import SAE, BatchTopK, JumpReLU, ReLU, ResidualSAE, TopK
 
 ACTIVATIONS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saelab.data.swissprot import crop, label_names, parse_swissprot
+from saelab.corpora.swissprot import crop, label_names, parse_swissprot
 
 ENTRIES = """\
 ID   TEST1_HUMAN             Reviewed;          40 AA.
@@ -123,7 +123,7 @@ def test_crop_splits_long_sequences_with_labels(flatfile):
 
 def test_emboss_entries_parse():
     from saelab.assets import AssetMissing
-    from saelab.data.swissprot import emboss_files
+    from saelab.corpora.swissprot import emboss_files
 
     try:
         files = emboss_files()

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from saelab.data.movielens import exclusion_mask, load_interactions, next_item_chunks, pad_left
-from saelab.eval.ranking import full_ranking, hr_ndcg, target_ranks
+from saelab.corpora.movielens import exclusion_mask, load_interactions, next_item_chunks, pad_left
+from saelab.hosts.ranking import full_ranking, hr_ndcg, target_ranks
 from saelab.hosts.sasrec import SASRec
 
 

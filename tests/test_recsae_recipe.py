@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from saelab.data.movielens import load_interactions
+from saelab.corpora.movielens import load_interactions
 from saelab.data.recsae import RecSAEDataModule, history_windows, shuffle_windows
 
 

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from saelab.data.corpora import Corpus, load_corpus
-from saelab.data.selection import (
-    SentenceEmbedder,
+from saelab.corpora.selection import (
     _aggregate,
     bm25_scores,
     retrieval_metrics,
@@ -19,6 +17,8 @@ from saelab.data.selection import (
     select_dense,
     tokenize,
 )
+from saelab.corpora.text import Corpus, load_corpus
+from saelab.hosts.embedder import SentenceEmbedder
 
 SENTENCES = [
     "electron is a subatomic particle",
@@ -188,7 +188,7 @@ def test_physics_queries_retrieve_physics_first(labelled, embedder, method):
 
 def test_select_corpus_records_provenance(labelled, embedder, tmp_path, monkeypatch):
     seed, pool, relevant = labelled
-    monkeypatch.setattr("saelab.data.selection.SentenceEmbedder", lambda **kw: embedder)
+    monkeypatch.setattr("saelab.corpora.selection.SentenceEmbedder", lambda **kw: embedder)
     out = select_corpus(
         seed, pool, "dense", budget=12, aggregate="round_robin", out_path=tmp_path / "sel.json"
     )

@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float, Int
 from scipy import stats
 from torch import Tensor
 
-from saelab.eval.ranking import top_k_items
+from saelab.hosts.ranking import top_k_items
 
 
 @torch.no_grad()

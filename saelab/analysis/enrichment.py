@@ -180,7 +180,7 @@ def heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saelab.io.atomic import atomic_write_bytes
+    from saelab.files import atomic_write_bytes
 
     rows: list[int] = []
     for name in result.names:

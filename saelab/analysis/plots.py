@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from saelab.io.atomic import atomic_write_bytes  # noqa: E402
+from saelab.files import atomic_write_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

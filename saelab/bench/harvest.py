@@ -46,7 +46,7 @@ def _bare(model: nn.Module, hook: int):
 
 def main(args: argparse.Namespace) -> list[str]:
     from saelab.assets import AssetMissing
-    from saelab.data.corpora import load_corpus
+    from saelab.corpora.text import load_corpus
     from saelab.data.text import Contexts, harvest, pack
     from saelab.hosts.causal_lm import CausalLMHost
 

@@ -60,7 +60,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import IterableDataset
 
-from saelab.io.atomic import atomic_write_json
+from saelab.files import atomic_write_json, sha256_file
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -378,14 +378,6 @@ class _progress:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:  # buffered reads: the page cache holds it, the process does not
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ActivationCache:
     """A finished cache directory: integrity checks, random row access and batch streams."""
 
@@ -455,7 +447,7 @@ class ActivationCache:
             return
         for info in self.manifest["shards"][i]["files"].values():
             f = self.path / info["name"]
-            got = _sha256_file(f)
+            got = sha256_file(f)
             if got != info["sha256"]:
                 raise CacheCorrupt(
                     f"cache shard file {f} fails its checksum (sha256 {got[:12]}…, manifest {info['sha256'][:12]}…). "

@@ -1,7 +1,7 @@
 """Per-residue activations of a protein masked LM over annotated Swiss-Prot sequences.
 
 The activation source of the protein recipe (Villegas Garcia & Ansuini, arXiv:2502.09135): Swiss-Prot
-entries are parsed into residues with annotation labels (`saelab.data.swissprot`), cropped to the
+entries are parsed into residues with annotation labels (`saelab.corpora.swissprot`), cropped to the
 host's context, split by sequence into train / validation, and passed once through the host up to the
 hook layer. The data is small (tens of thousands of residues), so activations are held in memory
 (and cached on disk under the asset cache, keyed by everything that determines them).
@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from saelab.data.swissprot import (
+from saelab.corpora.swissprot import (
     DEFAULT_ANNOTATIONS,
     ProteinRecord,
     crop,
@@ -149,7 +149,7 @@ class ProteinDataModule(pl.LightningDataModule):
         if not self.cache:
             return self.host.residue_activations(sequences, self.harvest_batch_size)
         from saelab.assets import cache_dir
-        from saelab.io.atomic import atomic_write_bytes
+        from saelab.files import atomic_write_bytes
 
         path = cache_dir() / "protein_acts" / f"{self._cache_key(sequences)}.pt"
         if path.exists():

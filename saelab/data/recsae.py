@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from saelab.data.movielens import Interactions, exclusion_mask, pad_left
+from saelab.corpora.movielens import Interactions, exclusion_mask, pad_left
 
 
 def history_windows(

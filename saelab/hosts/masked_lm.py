@@ -103,7 +103,7 @@ class MaskedLMHost:
         if too_long:
             raise ValueError(
                 f"sequence of {max(too_long)} residues exceeds the host's {self.max_residues}; "
-                "crop it first (saelab.data.swissprot.crop)."
+                "crop it first (saelab.corpora.swissprot.crop)."
             )
         width = max(len(s) for s in sequences) + 2
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)

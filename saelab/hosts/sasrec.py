@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from saelab.eval.ranking import hr_ndcg, target_ranks
+from saelab.hosts.ranking import hr_ndcg, target_ranks
 
 
 class _Block(nn.Module):

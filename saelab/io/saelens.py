@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from saelab.io.atomic import atomic_dir
+from saelab.files import atomic_dir
 from saelab.sae import SAE, BatchTopK, JumpReLU, ReLU, ResidualSAE, TopK
 
 SAELENS_VERSION = (
@@ -133,8 +133,10 @@ def _build_activation(arch: str, cfg: dict, d_sae: int):
     raise ValueError(f"cannot load SAELens architecture {arch!r}: saelab reads standard, topk and jumprelu.")
 
 
-def load_sae(path: str | Path) -> SAE:
+def load_sae(path: str | Path | None) -> SAE:
     """Read a SAELens-format directory (written by saelab or by SAELens) into a saelab `SAE`."""
+    if path is None:
+        raise ValueError("no SAE export directory given (for sae=residual set sae.base.path=<export dir>).")
     path = Path(path)
     cfg_file, w_file = path / "cfg.json", path / "sae_weights.safetensors"
     if not cfg_file.exists() or not w_file.exists():

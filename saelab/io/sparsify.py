@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from saelab.io.atomic import atomic_dir
+from saelab.files import atomic_dir
 from saelab.sae import SAE, TopK
 
 

@@ -23,11 +23,11 @@ from saelab.analysis import plots
 from saelab.analysis.ablation import ablate_latent, concept_item_mask
 from saelab.analysis.concepts import build_dictionary, confidence, history_profiles
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
-from saelab.data.movielens import Interactions, NextItemDataModule
+from saelab.corpora.movielens import Interactions, NextItemDataModule
 from saelab.eval.evaluate import evaluate_sae
-from saelab.eval.ranking import full_ranking
+from saelab.files import atomic_write_bytes
+from saelab.hosts.ranking import full_ranking
 from saelab.io import save_sae
-from saelab.io.atomic import atomic_write_bytes
 from saelab.report import table, write_report, write_results
 from saelab.train import fit, log_summary, make_logger, run_dir_of, wandb_scope
 

@@ -67,7 +67,7 @@ def _finetune_terms(cfg: DictConfig, tilted: bool) -> DictConfig:
 
 def _selection_stats(selected, pool, hidden_ids: set[str]) -> dict:
     """Size, source mix and precision/recall against the domain documents hidden in the pool."""
-    from saelab.data.selection import retrieval_metrics
+    from saelab.corpora.selection import retrieval_metrics
 
     sources: dict[str, int] = {}
     for i in selected.ids:
@@ -87,7 +87,7 @@ def _selection_stats(selected, pool, hidden_ids: set[str]) -> dict:
 
 def _select(cfg: DictConfig, run_dir: Path, pool) -> tuple[object, dict]:
     """Dense retrieval of the subdomain (and the BM25 baseline) from `pool`; returns (dense selection, stats)."""
-    from saelab.data.selection import select_bm25, select_dense
+    from saelab.corpora.selection import select_bm25, select_dense
 
     s = cfg.ssae.selection
     seed = instantiate(cfg.ssae.seed_corpus)

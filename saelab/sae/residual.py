@@ -7,8 +7,6 @@ x̂ = x̂_base(x) + ê(x). Reconstruction terms on (x, x̂) then equal terms on 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -21,16 +19,17 @@ class ResidualSAE(nn.Module):
     """Frozen `base` SAE plus a trainable residual SAE; forward returns the summed reconstruction.
 
     Args:
-        base: the frozen SAE, or a path to its export directory (read with `saelab.io.load_sae`).
+        base: the frozen SAE (from config: `sae.base.path=<export dir>`, read by `saelab.io.load_sae`).
         residual: the residual SAE; built with `apply_b_dec_to_input=False` and its b_dec frozen at 0.
     """
 
-    def __init__(self, base: SAE | str, residual: SAE) -> None:
+    def __init__(self, base: SAE, residual: SAE) -> None:
         super().__init__()
-        if isinstance(base, (str, Path)):
-            from saelab.io import load_sae  # deferred: io depends on sae, not the other way round
-
-            base = load_sae(base)
+        if not isinstance(base, nn.Module):
+            raise TypeError(
+                f"ResidualSAE needs the base SAE itself, got {type(base).__name__}; from config set "
+                "sae.base.path=<export dir> (conf/sae/residual.yaml loads it with saelab.io.load_sae)."
+            )
         if base.d_in != residual.d_in:
             raise ValueError(f"base SAE d_in={base.d_in} differs from residual d_in={residual.d_in}.")
         self.base = base.eval().requires_grad_(False)

@@ -97,7 +97,7 @@ class Corpus:
 
     def save(self, path: str | Path) -> Path:
         """Write the corpus as JSON, atomically (a run dir records the exact text it used)."""
-        from saelab.io.atomic import atomic_write_json
+        from saelab.files import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
         return Path(path)

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file/directory or the new one, never a half-written one."""
+"""File safety: atomic writes (a reader sees the old file or directory or the new one, never a half-written
+one) and file hashing."""
 
 from __future__ import annotations
 
@@ -69,3 +70,14 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (constant memory for any size)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
