@@ -30,6 +30,7 @@ test-all: install
 lint: install
 	$(BIN)/ruff check saelab tests
 	$(BIN)/ruff format --check saelab tests
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix saelab tests

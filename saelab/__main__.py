@@ -10,6 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from saelab.train import apply_debug
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
@@ -27,12 +29,15 @@ def friendly_error(exc: BaseException) -> str:
 
 
 def run_recipe(cfg: DictConfig):
+    name = cfg.recipe.name
     try:
-        module = importlib.import_module(f"saelab.recipes.{cfg.recipe}")
+        module = importlib.import_module(f"saelab.recipes.{name}")
     except ModuleNotFoundError as e:
-        available = sorted(p.stem for p in (ROOT / "saelab" / "recipes").glob("*.py") if p.stem != "__init__")
-        raise ValueError(f"unknown recipe {cfg.recipe!r}; available: {', '.join(available)}") from e
-    return module.run(cfg)
+        if e.name != f"saelab.recipes.{name}":
+            raise
+        available = sorted(p.stem for p in (ROOT / "conf" / "recipe").glob("*.yaml"))
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available)}") from e
+    return module.run(apply_debug(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")

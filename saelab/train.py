@@ -15,7 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.lit import LitSAE, batch_acts
@@ -59,6 +59,25 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not under @hydra.main
         return Path(cfg.paths.output_dir) / cfg.name / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def apply_debug(cfg: DictConfig) -> DictConfig:
+    """Apply `debug` (from +debug=tiny) and the recipe's own `recipe.debug`: {dotted key: value}, each set
+    only where the key exists in this config (so one preset suits every source and recipe)."""
+    if not cfg.get("debug"):
+        return cfg
+    changes: dict = {}
+    for node in (cfg.debug, cfg.recipe.get("debug")):
+        if node:
+            changes.update(OmegaConf.to_container(node, resolve=True))
+    with open_dict(cfg):
+        for key, value in changes.items():
+            if OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
+                OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+_MISSING = object()
 
 
 def build_objective(terms_cfg: DictConfig) -> Objective:

@@ -1,13 +1,17 @@
-"""Step input/output dataclasses shared by the three axes (SAE, data, objective).
+"""Step input/output dataclasses and the protocols shared by the three axes (SAE, data, objective).
 
-They live outside the axis packages so that `saelab.sae` and `saelab.objectives` can both speak of
-them without importing each other.
+They live outside the axis packages so that `saelab.sae`, `saelab.objectives`, `saelab.eval` and the
+hosts can all speak of them without importing each other. `SAELike` is what an evaluator, a loss term or
+an exporter may rely on in "an SAE"; `HostLike` is what every frozen host model offers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,12 +50,11 @@ class SAEOutput:
     dense: Float[Tensor, "batch d_sae"] | None = None
     sparse: SparseCodes | None = None
     d_sae: int | None = None
-    target: Float[Tensor, "batch d_in"] | None = None  # what x_hat should match when it is not x
 
     @property
     def y(self) -> Tensor:
-        """The reconstruction target: x, unless the SAE says otherwise."""
-        return self.x if self.target is None else self.target
+        """The reconstruction target (the input x: every SAE here reconstructs its input)."""
+        return self.x
 
     @cached_property
     def codes(self) -> Float[Tensor, "batch d_sae"]:
@@ -78,10 +81,49 @@ class TrainState:
     step: int = 0
     seed: int = 0
     dead_mask: Bool[Tensor, " d_sae"] | None = None  # latents that have not fired within the dead window
-    extras: dict = field(default_factory=dict)
 
     def generator(self, device: torch.device | str = "cpu", salt: int = 0) -> torch.Generator:
         """A generator seeded by (seed, step, salt): random terms stay reproducible across resume."""
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + self.step * 7919 + salt) % (2**63 - 1))
         return g
+
+
+@runtime_checkable
+class SAELike(Protocol):
+    """An SAE as the rest of saelab sees it (`saelab.sae.SAE`, `ResidualSAE`, evaluation views).
+
+    Weights in SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_in].
+    """
+
+    d_in: int
+    d_sae: int
+
+    @property
+    def W_enc(self) -> Tensor: ...
+
+    @property
+    def b_enc(self) -> Tensor: ...
+
+    @property
+    def W_dec(self) -> Tensor: ...
+
+    @property
+    def b_dec(self) -> Tensor: ...
+
+    def __call__(self, x: Tensor) -> SAEOutput: ...
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class HostLike(Protocol):
+    """A frozen foundation model with a hook point: its activations there, and a splice context.
+
+    `spliced(fn)` is a context manager under which the host's forward uses fn(h) in place of the hook
+    output h (for CE/KL, sequence recovery, HR/NDCG, steering and ablation).
+    """
+
+    d_in: int
+
+    def spliced(self, fn: Callable[[Tensor], Tensor]) -> AbstractContextManager[Any]: ...

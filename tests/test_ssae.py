@@ -38,7 +38,7 @@ TINY = [
 
 def test_experiment_composes_with_the_recipe_stages(cfg_factory):
     cfg = cfg_factory(["+experiment=ssae_physics"])
-    assert cfg.recipe == "ssae" and cfg.data._target_ == "saelab.data.text.TextActivations"
+    assert cfg.recipe.name == "ssae" and cfg.data._target_ == "saelab.data.text.TextActivations"
     assert cfg.data.d_in == 576 and cfg.sae.d_in == 576
     assert cfg.data.corpus.name == "general" and cfg.data.val_corpus.split == "test"
     assert cfg.ssae.seed_corpus.name == "physics_seed" and cfg.ssae.test_corpus.split == "test"

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from saelab.eval.base import EvalResult
 from saelab.hosts.masked_lm import MaskedLMHost
 
 
@@ -105,3 +106,26 @@ def protein_fidelity(
         "n_residues": n_res,
         "n_masked": n_masked,
     }
+
+
+class ProteinFidelity:
+    """`protein_fidelity`: the SAE spliced into a masked protein LM on the source's held-out sequences:
+    `recovery`, `kl`, `ce_clean` / `ce_sae` / `ce_zero`, `delta_ce`, `ce_loss_score`, `acc_clean` / `acc_sae`
+    (see `protein_fidelity`). The source's `act_scale` is undone at the splice.
+    """
+
+    name = "protein_fidelity"
+    needs = ("host", "val_sequences")
+
+    def __init__(self, mask_fraction: float = 0.15, batch_size: int = 8, seed: int = 0) -> None:
+        self.mask_fraction, self.batch_size, self.seed = float(mask_fraction), int(batch_size), int(seed)
+
+    def __call__(self, sae, source, out_dir) -> EvalResult:
+        scale = float(getattr(source, "act_scale", 1.0) or 1.0)
+        fid = protein_fidelity(
+            source.host, sae, scale, source.val_sequences(), self.mask_fraction, self.batch_size, self.seed
+        )
+        m = dict(fid)
+        for k in ("n_residues", "n_masked"):
+            m[k] = int(m[k])
+        return EvalResult(metrics=m)

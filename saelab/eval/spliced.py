@@ -26,6 +26,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from saelab.eval.base import EvalResult, at_k, batch_acts, in_host_units, take
 from saelab.hosts.causal_lm import next_token_losses
 
 
@@ -129,3 +130,71 @@ def spliced_metrics(
             "n_tokens": n,
         }
     return out
+
+
+class Spliced:
+    """`spliced`: CE / KL / ce_loss_score / kl_score / spliced perplexity of the SAE in a causal LM host,
+    and the perplexity-vs-L0 points of the same SAE at other inference-time k (`l0_at_k`).
+
+    Reads the first ⌈tokens / SAE tokens per context⌉ held-out contexts of `source.contexts(split)`; the
+    SAE is presented to the host in its units (`in_host_units`). The k-sweep uses `at_k` views, so the
+    SAE itself is never changed; each point's L0 is measured on `l0_batches` held-out batches.
+
+    Args:
+        tokens: SAE-spliced tokens to score (≈ contexts × tokens per context).
+        batch_size: contexts per host forward.
+        l0_at_k: extra k for TopK-family SAEs (empty: none).
+        l0_batches: held-out batches for each k's L0.
+        split: which contexts of the source.
+    """
+
+    name = "spliced"
+    needs = ("host", "contexts")
+
+    def __init__(
+        self,
+        tokens: int = 2048,
+        batch_size: int = 8,
+        l0_at_k: list[int] | tuple[int, ...] = (),
+        l0_batches: int = 4,
+        split: str = "val",
+    ) -> None:
+        self.tokens, self.batch_size, self.split = int(tokens), int(batch_size), split
+        self.l0_at_k, self.l0_batches = [int(k) for k in (l0_at_k or [])], int(l0_batches)
+
+    @torch.no_grad()
+    def __call__(self, sae, source, out_dir) -> EvalResult:
+        ctx = source.contexts(self.split)
+        per = max(1, int(ctx.sae_mask[0].sum()))
+        ctx = ctx.slice(0, max(1, math.ceil(self.tokens / per)))
+        runs: dict[str, nn.Module] = {"sae": in_host_units(sae, source)}
+        ks = self.l0_at_k if hasattr(getattr(sae, "activation", None), "k") else []
+        for k in ks:
+            runs[f"k={k}"] = in_host_units(at_k(sae, k), source)
+        sp = spliced_metrics(
+            source.host,
+            runs,
+            ctx.input_ids,
+            ctx.attention_mask,
+            ctx.sae_mask,
+            self.batch_size,
+            "spliced eval",
+        )
+        m = dict(sp["sae"])
+        m["spliced_tokens"] = m.pop("n_tokens")
+        points = []
+        for k in ks:
+            view = at_k(sae, k)
+            l0 = _mean_l0(view, take(source.val_dataloader(), self.l0_batches))
+            points.append({"k": k, "l0": l0, "spliced_ppl": sp[f"k={k}"]["spliced_ppl"]})
+        return EvalResult(metrics=m, data={"l0_at_k": points} if points else {})
+
+
+def _mean_l0(sae, batches) -> float:
+    """Mean active latents per row over `batches`."""
+    tot, n = 0.0, 0
+    dev = sae.W_dec.device
+    for b in batches:
+        out = sae(batch_acts(b).to(dev))
+        tot, n = tot + float(out.l0.sum()), n + out.l0.numel()
+    return tot / max(1, n)

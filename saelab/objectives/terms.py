@@ -39,7 +39,7 @@ class Term:
 
 def _sse(out: SAEOutput) -> Tensor:
     """Per-row squared error Σ_d (y − x̂)², computed in float32."""
-    return (out.y.float() - out.x_hat.float()).pow(2).sum(-1)
+    return (out.x.float() - out.x_hat.float()).pow(2).sum(-1)
 
 
 class MSE(Term):
@@ -56,7 +56,7 @@ class FVU(Term):
     """
 
     def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
-        y = out.y.float()
+        y = out.x.float()
         return _sse(out).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
@@ -152,7 +152,7 @@ class AuxK(Term):
             return zero
         dead = state.dead_mask.nonzero(as_tuple=True)[0]
         k = min(self.k_aux, dead.numel())
-        e = (out.y - out.x_hat).detach().float()
+        e = (out.x - out.x_hat).detach().float()
         pre = sae.encode_pre(out.x, dead)  # (batch, n_dead), with gradient
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         batch = pre.shape[0]
@@ -286,7 +286,7 @@ class Matryoshka(Term):
         parts = torch.stack(parts)
         # x̂ with prefix p = full x̂ − Σ of blocks after p  (reverse cumulative sum)
         tail = parts.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} parts[j]
-        y = out.y.float()
+        y = out.x.float()
         losses = []
         for i in range(len(bounds)):
             after = tail[i + 1] if i + 1 < len(bounds) else 0.0

@@ -1,0 +1,74 @@
+"""Ground-truth evaluators on the synthetic source: `recovery` of the true features and `absorption`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.analysis import plots
+from saelab.analysis.absorption import synthetic_absorption
+from saelab.eval.base import EvalResult
+from saelab.eval.metrics import FeatureRecovery
+from saelab.types import SAELike
+
+
+class Recovery:
+    """`feature_recovery` (mean over true features of the max cosine to a decoder row, Sharkey et al. 2022)
+    and `frac_recovered` (share of true features matched above `threshold`); `recovery.png` shows them all.
+
+    Needs `source.true_features` [n_features, d_in].
+    """
+
+    name = "recovery"
+    needs = ("true_features",)
+
+    def __init__(self, threshold: float = 0.9, plot: bool = True) -> None:
+        self.threshold, self.plot = float(threshold), bool(plot)
+
+    @torch.no_grad()
+    def __call__(self, sae: SAELike, source: Any, out_dir: Path) -> EvalResult:
+        rec = FeatureRecovery(source.true_features, sync_on_compute=False)
+        rec.update(sae.W_dec)
+        scores = rec.scores.float()
+        res = EvalResult(
+            metrics={
+                "feature_recovery": float(rec.compute()),
+                "frac_recovered": rec.recovered(self.threshold),
+            },
+            data={"recovery_scores": scores.tolist()},
+        )
+        if self.plot:
+            res.figures["feature recovery"] = plots.histogram(
+                scores,
+                Path(out_dir) / "recovery.png",
+                "max cos(true feature, decoder rows)",
+                "Feature recovery",
+            )
+        return res
+
+
+class Absorption:
+    """`absorption`: ground-truth feature absorption over parent features (`saelab.analysis.absorption`).
+
+    Draws `n_samples` fresh rows from the source's generative model (`source.features`, batch index
+    `sample_index`, away from the training and validation indices) and encodes them.
+    """
+
+    name = "absorption"
+    needs = ("features",)
+
+    def __init__(self, n_samples: int = 8192, sample_index: int = -1000) -> None:
+        self.n_samples, self.sample_index = int(n_samples), int(sample_index)
+
+    @torch.no_grad()
+    def __call__(self, sae: SAELike, source: Any, out_dir: Path) -> EvalResult:
+        feats = source.features
+        x, coeffs = feats.sample(self.n_samples, self.sample_index)
+        codes = sae(x.to(sae.W_dec.device)).codes.cpu()
+        ab = synthetic_absorption(codes, coeffs, sae.W_dec.cpu(), feats.directions, feats.parent_of)
+        return EvalResult(
+            metrics={"absorption": ab["absorption"]},
+            data={"absorption_per_parent": ab["per_parent"], "parent_match_cos": ab["parent_match_cos"]},
+        )

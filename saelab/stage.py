@@ -1,0 +1,204 @@
+"""Stages: the steps recipes are made of.
+
+`train_stage` trains one named SAE (one Lightning fit, one W&B run in the experiment's group), exports it
+in SAELens format, runs the configured evaluators on its source and logs their summary; under DDP only
+rank 0 exports and evaluates. `evaluate_stage` evaluates SAEs that are already trained (one W&B run).
+`host_stage` trains a host model that saelab itself trains (SASRec) with the same Trainer settings,
+and caches it by a key of what determines it. `finish` writes the report into its own W&B run.
+
+Recipes read as a list of these calls; see `saelab/recipes/`.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
+from saelab.eval.base import EvalResult, Evaluator, evaluate
+from saelab.files import atomic_write_bytes
+from saelab.report import Report
+from saelab.train import fit, log_summary, make_logger, wandb_scope
+
+
+@dataclass
+class StageResult:
+    """What a trained stage leaves: the SAE, its source, evaluation, export path and timings.
+
+    `metrics` holds `eval/<metric>` for every evaluator metric plus `train/seconds` and `train/steps`.
+    On ranks other than 0 under DDP, `is_global_zero` is False and nothing was exported or evaluated.
+    """
+
+    name: str
+    sae: Any
+    datamodule: Any
+    eval: EvalResult = field(default_factory=EvalResult)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    export: Path | None = None
+    seconds: float = 0.0
+    steps: int = 0
+    is_global_zero: bool = True
+    results: dict = field(default_factory=dict)  # what the report wrote, when the stage wrote one
+
+
+def evaluators(metrics_cfg: DictConfig | Mapping | None) -> dict[str, Evaluator]:
+    """Instantiate an `eval.metrics` node ({name: evaluator config}); None → no evaluators."""
+    if not metrics_cfg:
+        return {}
+    return {name: instantiate(node) for name, node in metrics_cfg.items() if node is not None}
+
+
+def train_stage(
+    cfg: DictConfig,
+    run_dir: Path,
+    name: str,
+    *,
+    datamodule: Any = None,
+    sae: Any = None,
+    metrics: DictConfig | Mapping | None = None,
+    export_dir: Path | None = None,
+    out_dir: Path | None = None,
+    metadata: dict | None = None,
+    report: Callable[[StageResult], Report] | None = None,
+) -> StageResult:
+    """Fit the SAE of stage `name`, export it to `export_dir` (default `<run>/<name>/sae`) and evaluate it.
+
+    Args:
+        cfg: the (stage's) config: data, sae, objective, optim, trainer, logger, eval.metrics, export.
+        run_dir: the run directory; checkpoints go to `<run>/checkpoints/<name>/`.
+        datamodule, sae: built from `cfg.data` / `cfg.sae` unless given.
+        metrics: evaluator configs (default `cfg.eval.metrics`).
+        out_dir: where evaluators write figures (default `<run>/<name>`).
+        metadata: extra export metadata.
+        report: for single-stage recipes: builds the run's report from this stage's result; it is written
+            (`Report.write`) into this stage's W&B run, so the run has one W&B run, not two.
+    """
+    res = fit(cfg, run_dir, stage=name, datamodule=datamodule, sae=sae)
+    dm, trainer = res.datamodule, res.trainer
+    out = StageResult(name, res.sae, dm, seconds=res.seconds, steps=int(trainer.global_step))
+    with wandb_scope(res.logger):
+        if cfg.get("export", True) and trainer.is_global_zero:
+            meta = {"saelab_run": cfg.name, "stage": name, "act_scale": float(getattr(dm, "act_scale", 1.0))}
+            from saelab.io import save_sae
+
+            out.export = save_sae(
+                res.sae, export_dir or run_dir / name / "sae", metadata={**meta, **(metadata or {})}
+            )
+        # later stages may start from this export on every rank
+        trainer.strategy.barrier("saelab-export")
+        if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and reports
+            out.is_global_zero = False
+            return out
+        chosen = evaluators(cfg.eval.get("metrics") if metrics is None else metrics)
+        out.eval = evaluate(res.sae, dm, chosen, out_dir or run_dir / name)
+        out.metrics = {f"eval/{k}": v for k, v in out.eval.metrics.items()}
+        out.metrics |= {"train/seconds": res.seconds, "train/steps": out.steps}
+        log_summary(res.logger, out.metrics)
+        if report is not None:
+            out.results = report(out).write(res.logger)
+    return out
+
+
+def evaluate_stage(
+    cfg: DictConfig,
+    run_dir: Path,
+    name: str,
+    saes: Mapping[str, Any],
+    sources: Mapping[str, Any],
+    metrics: DictConfig | Mapping | None = None,
+) -> dict[str, dict[str, EvalResult]]:
+    """Evaluate every SAE on every source → {source: {sae: EvalResult}}; one W&B run `name` gets the summary
+    (`<sae>/<source>/<metric>`). Figures go to `<run>/<name>/<source>/<sae>/`."""
+    chosen = evaluators(cfg.eval.get("metrics") if metrics is None else metrics)
+    results: dict[str, dict[str, EvalResult]] = {}
+    for src_name, src in sources.items():
+        for sae_name, sae in saes.items():
+            r = evaluate(sae, src, chosen, run_dir / name / src_name / sae_name, quiet=bool(results))
+            results.setdefault(src_name, {})[sae_name] = r
+    logger = make_logger(cfg, run_dir, name)
+    with wandb_scope(logger):
+        log_summary(
+            logger,
+            {
+                f"{s}/{d}/{k}": v
+                for d, per in results.items()
+                for s, r in per.items()
+                for k, v in r.metrics.items()
+            },
+        )
+    return results
+
+
+def host_stage(
+    cfg: DictConfig,
+    run_dir: Path,
+    name: str,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    key: dict,
+    monitor: str | None = None,
+    mode: str = "max",
+    **trainer_kwargs: Any,
+) -> tuple[pl.LightningModule, dict[str, Any]]:
+    """Train a host model saelab trains itself (e.g. SASRec), or load it from `<run>/host/<name>.pt`.
+
+    The cache holds `key` (what determines the model: hyper-parameters, corpus fingerprint, fit settings)
+    next to the weights; a different key trains again. With `monitor`, the best checkpoint by that
+    validation metric is kept. `trainer_kwargs` go to `pl.Trainer` (max_epochs, ...). Returns the module
+    in eval mode with gradients off, and {"<name>/seconds", "<name>/cached"}.
+    """
+    cache = run_dir / "host" / f"{name}.pt"
+    if cache.exists():
+        blob = torch.load(cache, map_location="cpu", weights_only=False)
+        if blob.get("key") == key:
+            module.load_state_dict(blob["state_dict"])
+            return module.eval().requires_grad_(False), {f"{name}/seconds": 0.0, f"{name}/cached": True}
+        print(f"saelab: {cache} was trained with other settings; training {name} again.")
+    ckpt_dir = run_dir / "checkpoints" / name
+    best = pl.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1 if monitor else 0, save_last=True
+    )
+    logger = make_logger(cfg, run_dir, name)
+    with wandb_scope(logger):
+        trainer = pl.Trainer(
+            accelerator=cfg.trainer.get("accelerator", "cpu"),
+            devices=1,
+            default_root_dir=str(run_dir),
+            logger=logger if logger is not None else False,
+            callbacks=[best, ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))],
+            plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            **trainer_kwargs,
+        )
+        last = ckpt_dir / "last.ckpt"
+        t0 = time.perf_counter()
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(last) if cfg.get("resume") == "auto" and last.exists() else None,
+        )
+        seconds = time.perf_counter() - t0
+    if monitor and best.best_model_path:
+        sd = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(sd)
+    buf = io.BytesIO()
+    torch.save({"key": key, "state_dict": module.state_dict()}, buf)
+    atomic_write_bytes(cache, buf.getvalue())
+    return module.eval().requires_grad_(False), {f"{name}/seconds": seconds, f"{name}/cached": False}
+
+
+def finish(cfg: DictConfig, report: Report, stage: str = "report") -> dict:
+    """Write the report (results.json, report.md, terminal) and log it to its own W&B run in the group."""
+    logger = make_logger(cfg, report.run_dir, stage)
+    with wandb_scope(logger):
+        return report.write(logger)
