@@ -198,12 +198,24 @@ class Report:
         media: dict[str, Any] = {}
         for s in self.sections:
             if s.kind == "table":
-                rows = [[fmt(c) if not isinstance(c, (int, float)) else c for c in r] for r in s.payload.rows]
+                rows = _typed_columns(s.payload.rows, len(s.payload.headers))
                 media[f"tables/{slug(s.heading)}"] = wandb.Table(columns=list(s.payload.headers), data=rows)
             elif s.kind == "figure" and Path(s.payload[1]).exists():
                 media[f"figures/{slug(s.payload[0])}"] = wandb.Image(str(s.payload[1]), caption=s.payload[0])
         if media:
             run.log(media)
+
+
+def _typed_columns(rows: Sequence[Sequence], n_cols: int) -> list[list]:
+    """Rows for a wandb.Table, whose columns must each hold one type: a column of numbers (blanks → None)
+    stays numeric, any other column becomes text."""
+
+    def number(c: Any) -> bool:
+        return isinstance(c, (int, float)) and not isinstance(c, bool)
+
+    blank = (None, "")
+    numeric = [all(number(r[j]) or r[j] in blank for r in rows) for j in range(n_cols)]
+    return [[(None if c in blank else c) if numeric[j] else fmt(c) for j, c in enumerate(r)] for r in rows]
 
 
 def summary_table(
