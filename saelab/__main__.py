@@ -18,8 +18,7 @@ CONF = ROOT / "conf"
 
 def friendly_error(exc: BaseException) -> str:
     """The innermost cause of an exception, as one line a user can act on."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        nxt = exc.__cause__ or exc.__context__
+    while (nxt := exc.__cause__ or exc.__context__) is not None:
         if type(exc).__name__ != "InstantiationException" and not str(exc).startswith(
             "Error in call to target"
         ):

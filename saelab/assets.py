@@ -126,11 +126,13 @@ def debian_dir(name: str, fetch: bool = True) -> Path:
 
 def status() -> list[tuple[str, str, bool]]:
     rows = []
-    for key, a in PYPI.items():
-        ok = importlib.util.find_spec(a.module) is not None
-        rows.append((key, f"{a.package}=={a.version}", ok))
-    for key, a in DEBIAN.items():
-        rows.append((key, f"debian:{a.package}", (cache_dir() / "debian" / a.package / ".complete").exists()))
+    for key, pkg in PYPI.items():
+        ok = importlib.util.find_spec(pkg.module) is not None
+        rows.append((key, f"{pkg.package}=={pkg.version}", ok))
+    for key, deb in DEBIAN.items():
+        rows.append(
+            (key, f"debian:{deb.package}", (cache_dir() / "debian" / deb.package / ".complete").exists())
+        )
     return rows
 
 

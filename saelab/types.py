@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,9 @@ class TrainState:
 class SAELike(Protocol):
     """An SAE as the rest of saelab sees it (`saelab.sae.SAE`, `ResidualSAE`, evaluation views).
 
-    Weights in SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_in].
+    Weights in SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_in]. `activation` and
+    `encode_pre` are what loss terms read (the JumpReLU step for `l0`, dead-latent pre-activations for
+    `auxk`).
     """
 
     d_in: int
@@ -111,9 +113,14 @@ class SAELike(Protocol):
     @property
     def b_dec(self) -> Tensor: ...
 
+    @property
+    def activation(self) -> nn.Module: ...
+
     def __call__(self, x: Tensor) -> SAEOutput: ...
 
     def encode(self, x: Tensor) -> Tensor: ...
+
+    def encode_pre(self, x: Tensor, latents: Tensor | None = None) -> Tensor: ...
 
 
 @runtime_checkable
@@ -124,6 +131,7 @@ class HostLike(Protocol):
     output h (for CE/KL, sequence recovery, HR/NDCG, steering and ablation).
     """
 
-    d_in: int
+    @property
+    def d_in(self) -> int: ...  # a property, so hosts that read it from the loaded model qualify
 
     def spliced(self, fn: Callable[[Tensor], Tensor]) -> AbstractContextManager[Any]: ...

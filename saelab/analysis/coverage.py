@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
+
+from saelab.types import SAELike
 
 
 def token_counts(token_ids: Iterable[Tensor] | Tensor, vocab_size: int) -> Int[Tensor, " vocab"]:
@@ -140,7 +142,7 @@ def coverage_by_frequency(
 
 @torch.no_grad()
 def sae_coverage(
-    sae,
+    sae: SAELike,
     batches: Iterable[dict],
     corpus_counts: Int[Tensor, " vocab"],
     min_recall: float = 0.5,
@@ -149,6 +151,8 @@ def sae_coverage(
     edges: Sequence[float] = (0, 1, 10, 100, 1000, 10000),
 ) -> Coverage:
     """Coverage of an SAE on {"acts", "token_ids"} test batches, tokens binned by `corpus_counts`."""
+    if not isinstance(sae, nn.Module):
+        raise TypeError(f"sae_coverage runs a torch module SAE, got {type(sae).__name__}.")
     was = sae.training
     sae.eval()
     dev = next(sae.parameters()).device

@@ -83,7 +83,7 @@ def count_contingency(
         active_pos = ap if active_pos is None else active_pos + ap
         n_pos = npos if n_pos is None else n_pos + npos
         n_total += codes.shape[0]
-    if active is None:
+    if active is None or active_pos is None or n_pos is None:
         raise ValueError("no residues were given to count enrichment on.")
     return EnrichmentCounts(
         list(map(float, thresholds)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -46,7 +46,7 @@ def histogram(values, path: Path, xlabel: str, title: str, bins: int = 40) -> Pa
 
 
 def bars(
-    groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, ylabel: str, title: str
+    groups: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, ylabel: str, title: str
 ) -> Path:
     """Grouped bar chart: one group per entry of `groups`, one bar per series."""
     x = np.arange(len(groups))
@@ -62,7 +62,7 @@ def bars(
 
 
 def scatter(
-    points: dict[str, tuple[Sequence[float], Sequence[float]]],
+    points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     path: Path,
     xlabel: str,
     ylabel: str,

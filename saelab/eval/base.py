@@ -136,7 +136,7 @@ class Rescaled(nn.Module):
     as `act_scale`; splicing evaluators wrap the SAE in this so the host sees activations at its own scale.
     """
 
-    def __init__(self, sae: nn.Module, scale: float) -> None:
+    def __init__(self, sae: SAELike, scale: float) -> None:
         super().__init__()
         self.sae, self.scale = sae, float(scale)
         self.d_in, self.d_sae = sae.d_in, sae.d_sae
@@ -153,20 +153,27 @@ class Rescaled(nn.Module):
         )
 
 
-def in_host_units(sae: nn.Module, source: Any) -> nn.Module:
+def in_host_units(sae: SAELike, source: Any) -> nn.Module:
     """`sae` wrapped by `Rescaled` when the source normalised its activations, else `sae` itself."""
+    if not isinstance(sae, nn.Module):
+        raise TypeError(f"splicing an SAE into a host needs a torch module, got {type(sae).__name__}.")
     s = float(getattr(source, "act_scale", 1.0) or 1.0)
     return sae if s == 1.0 else Rescaled(sae, s)
 
 
-def at_k(sae: nn.Module, k: int) -> nn.Module:
+def at_k(sae: SAELike, k: int) -> SAELike:
     """A view of a TopK-family SAE that keeps k latents per row, sharing its weights; `sae` is untouched.
 
     The view is a shallow copy whose `activation` is a shallow copy with another `k`; parameters and
     buffers are the same tensors, so nothing is copied and the original keeps its own k.
     """
     act = getattr(sae, "activation", None)
-    if act is None or not hasattr(act, "k") or "activation" not in getattr(sae, "_modules", {}):
+    if (
+        act is None
+        or not hasattr(act, "k")
+        or not isinstance(sae, nn.Module)
+        or "activation" not in sae._modules
+    ):
         raise ValueError(f"{type(sae).__name__} has no TopK-style activation with a k to change.")
     new_act = copy.copy(act)
     new_act.k = int(k)

@@ -12,6 +12,8 @@ class L0(Metric):
     """Mean number of non-zero latents per token: L0 = (1/N) Σ_n #{i : f_ni ≠ 0}."""
 
     full_state_update = False
+    total: Tensor
+    n: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -36,6 +38,10 @@ class FVU(Metric):
     """
 
     full_state_update = False
+    sse: Tensor
+    sum_sq: Tensor
+    sum_x: Tensor
+    n: Tensor
 
     def __init__(self, d_in: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -71,6 +77,8 @@ class DeadFraction(Metric):
     """
 
     full_state_update = False
+    fires: Tensor
+    n: Tensor
 
     def __init__(self, d_sae: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -109,6 +117,7 @@ class MeanMaxCosine(Metric):
     """MeanCosSim of a decoder (OrtSAE, arXiv:2509.22033): (1/m) Σ_i max_{j≠i} cos(W_dec,i, W_dec,j)."""
 
     full_state_update = True
+    value: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -128,6 +137,8 @@ class FeatureRecovery(Metric):
     """
 
     full_state_update = True
+    true_features: Tensor  # buffer
+    scores: Tensor
 
     def __init__(self, true_features: Float[Tensor, "n_features d_in"], **kwargs) -> None:
         super().__init__(**kwargs)

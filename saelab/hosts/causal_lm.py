@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 
 from saelab.assets import cache_dir, package_dir
 from saelab.hosts.base import replace_output, resolve_hook, run_until
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EMBEDDED = {"smollm2": ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1")}
 _DTYPES = {
@@ -76,10 +80,13 @@ def embedded_model_dir(key: str = "smollm2") -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(model: str, dtype: str, device: str, gguf_file: str | None, revision: str | None):
+def _load(
+    model: str, dtype: str, device: str, gguf_file: str | None, revision: str | None
+) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer), loaded once per process and shared by every host on the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw: dict[str, Any]
     if model in EMBEDDED:
         path, kw = str(embedded_model_dir(model)), {}
     else:
@@ -99,7 +106,9 @@ def _load(model: str, dtype: str, device: str, gguf_file: str | None, revision: 
         raise OSError(
             f"could not load causal LM {model!r}: {hint}or use the embedded offline default data/host=smollm2. ({e})"
         ) from e
-    lm.to(device).eval()
+    # PreTrainedModel.to is decorated with functools.wraps(nn.Module.to); typeshed's _Wrapped does not bind
+    # self, so mypy wants the model as the first argument
+    lm.to(device).eval()  # type: ignore[arg-type]
     for p in lm.parameters():
         p.requires_grad_(False)
     return lm, tok
@@ -142,7 +151,7 @@ class CausalLMHost:
 
     # ------------------------------------------------------------------ loading
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> PreTrainedModel:
         lm, _ = _load(self.model_id, self.dtype, self.device, self.gguf_file, self.revision)
         if self._hook is None:
             self._hook = resolve_hook(lm, self._hook_arg)
@@ -153,7 +162,7 @@ class CausalLMHost:
     def tokenizer(self):
         return _load(self.model_id, self.dtype, self.device, self.gguf_file, self.revision)[1]
 
-    def _check(self, lm: nn.Module) -> None:
+    def _check(self, lm: PreTrainedModel) -> None:
         width = lm.config.get_text_config().hidden_size
         if self._declared_d_in is not None and int(self._declared_d_in) != width:
             raise ValueError(
@@ -164,16 +173,20 @@ class CausalLMHost:
         if n_pos is not None and self.max_length > n_pos:
             raise ValueError(f"max_length={self.max_length} exceeds {self.model_id}'s {n_pos} positions.")
 
+    def _resolved_hook(self) -> tuple[str, nn.Module]:
+        _ = self.model  # loading the model resolves the hook
+        if self._hook is None:
+            raise RuntimeError(f"host {self.model_id}: the hook {self._hook_arg!r} was not resolved on load.")
+        return self._hook
+
     @property
     def hook(self) -> str:
         """The resolved module path of the hook point."""
-        _ = self.model
-        return self._hook[0]
+        return self._resolved_hook()[0]
 
     @property
     def hook_module(self) -> nn.Module:
-        _ = self.model
-        return self._hook[1]
+        return self._resolved_hook()[1]
 
     @property
     def d_in(self) -> int:
@@ -270,31 +283,30 @@ def save_tiny_causal_lm(
     tok = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2"))
     v, heads = len(tok), 4
     common = {"vocab_size": v, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    torch.manual_seed(seed)  # the weights below are drawn from the global RNG
+    model: tf.PreTrainedModel
     if arch == "llama":
-        cfg = tf.LlamaConfig(
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common,
-        )  # fmt: skip
-        cls = tf.LlamaForCausalLM
+        ))  # fmt: skip
     elif arch == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
             max_position_embeddings=512, **common,
-        )  # fmt: skip
-        cls = tf.GPTNeoXForCausalLM
+        ))  # fmt: skip
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=512, **common)
-        cls = tf.GPT2LMHeadModel
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=512, **common)
+        )
     elif arch == "gemma2":
-        cfg = tf.Gemma2Config(
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
             num_key_value_heads=2, head_dim=hidden // heads, max_position_embeddings=512, **common,
-        )  # fmt: skip
-        cls = tf.Gemma2ForCausalLM
+        ))  # fmt: skip
     else:
         raise ValueError(f"unknown tiny arch {arch!r}: llama, gpt_neox, gpt2 or gemma2.")
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
+    model.eval()
     path = Path(path)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -112,6 +112,8 @@ class SentenceEmbedder:
 
     def _save_part(self, keys: np.ndarray, vecs: np.ndarray) -> None:
         """New embeddings go to a fresh part file (atomic rename), so concurrent runs never clash."""
+        if self.cache_root is None:
+            raise RuntimeError("this embedder has no cache_root to save embeddings to.")
         self.cache_root.mkdir(parents=True, exist_ok=True)
         final = self.cache_root / f"part-{uuid.uuid4().hex}.npz"
         tmp = final.with_name(f".{final.name}.tmp")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -82,6 +83,8 @@ def save_sae(sae: SAE | ResidualSAE, path: str | Path, metadata: dict | None = N
     """Write `sae` to `path` in SAELens format (atomically) and return the path."""
     meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION, "saelab": True}
     meta.update(metadata or {})
+    extra: dict[str, Any]
+    threshold: torch.Tensor | None
     if isinstance(sae, ResidualSAE):
         sd, extra_meta, threshold = _stitched(sae)
         arch, extra, apply_b_dec = "jumprelu", {}, False
@@ -127,7 +130,10 @@ def _build_activation(arch: str, cfg: dict, d_sae: int):
     if name == "jumprelu" or (name is None and arch == "jumprelu"):
         return JumpReLU(d_sae, bandwidth=spec.get("bandwidth", 0.001))
     if name == "topk" or (name is None and arch == "topk"):
-        return TopK(int(spec.get("k", cfg.get("k"))))
+        k = spec.get("k", cfg.get("k"))
+        if k is None:
+            raise ValueError("a topk SAELens export needs k in cfg.json (or metadata.saelab_activation).")
+        return TopK(int(k))
     if name == "relu" or (name is None and arch == "standard"):
         return ReLU()
     raise ValueError(f"cannot load SAELens architecture {arch!r}: saelab reads standard, topk and jumprelu.")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from saelab.objectives.terms import Term
-from saelab.types import SAEOutput, TrainState
+from saelab.types import SAELike, SAEOutput, TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -23,7 +23,7 @@ class Objective:
             raise ValueError("the objective has no terms: choose some, e.g. objective/terms=[mse,auxk].")
         self.terms = dict(terms)
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> tuple[Tensor, dict[str, Tensor]]:
         total = out.x_hat.new_zeros(()).float()
         logs: dict[str, Tensor] = {}
         for name, term in self.terms.items():

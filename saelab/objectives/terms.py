@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.types import SAEOutput, TrainState
+from saelab.types import SAELike, SAEOutput, TrainState
 
 
 class Term:
@@ -30,8 +30,8 @@ class Term:
             return self.coeff
         return self.coeff * min(1.0, (state.step + 1) / self.warmup_steps)
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
@@ -45,7 +45,7 @@ def _sse(out: SAEOutput) -> Tensor:
 class MSE(Term):
     """L_mse = (1/B) Σ_b ‖y_b − x̂_b‖²."""
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         return _sse(out).mean()
 
 
@@ -55,7 +55,7 @@ class FVU(Term):
     This is what RecSAE and sparsify train on (1 − explained variance of the batch).
     """
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         y = out.x.float()
         return _sse(out).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
 
@@ -80,7 +80,7 @@ class Tilted(Term):
             raise ValueError(f"tilted.scale must be 'none' or 'mean', got {scale!r}.")
         self.t, self.scale = float(t), scale
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         loss = _sse(out)
         s = loss.detach().mean().clamp_min(1e-12) if self.scale == "mean" else loss.new_tensor(1.0)
         loss = (loss / s).double()
@@ -111,7 +111,7 @@ class L1(Term):
         super().__init__(coeff, warmup_steps)
         self.weight_by_decoder_norm = weight_by_decoder_norm
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         codes = out.codes.float().abs()
         if self.weight_by_decoder_norm:
             codes = codes * sae.W_dec.float().norm(dim=1)
@@ -124,13 +124,13 @@ class L0(Term):
     Rajamanoharan et al. 2024 (arXiv:2407.14435): ∂H/∂θ := −(1/ε)·K((π − θ)/ε). Needs a JumpReLU SAE.
     """
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
-        act = sae.activation
-        if not hasattr(act, "heaviside"):
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
+        heaviside = getattr(sae.activation, "heaviside", None)
+        if heaviside is None:
             raise ValueError(
-                f"the l0 term needs a JumpReLU activation, got {type(act).__name__}: use sae=jumprelu."
+                f"the l0 term needs a JumpReLU activation, got {type(sae.activation).__name__}: use sae=jumprelu."
             )
-        return act.heaviside(out.pre_acts).sum(-1).mean()
+        return heaviside(out.pre_acts).sum(-1).mean()
 
 
 class AuxK(Term):
@@ -146,7 +146,7 @@ class AuxK(Term):
         super().__init__(coeff)
         self.k_aux = int(k_aux)
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         zero = out.x_hat.new_zeros(()).float()
         if state.dead_mask is None or not bool(state.dead_mask.any()):
             return zero
@@ -190,7 +190,7 @@ class Ortho(Term):
         self.chunk_size, self.every_n_steps = int(chunk_size), int(every_n_steps)
         self.absolute, self.delta = absolute, delta
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         W = sae.W_dec.float()
         if state.step % self.every_n_steps != 0:
             return W.new_zeros(())
@@ -267,12 +267,12 @@ class Matryoshka(Term):
         pick = torch.multinomial(pmf, n - 1, replacement=False, generator=state.generator("cpu", salt=29))
         return sorted(int(lengths[i]) for i in pick) + [d_sae]
 
-    def __call__(self, out: SAEOutput, sae, state: TrainState) -> Tensor:
+    def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         d_sae = sae.W_dec.shape[0]
         bounds = self.prefixes(d_sae, state)
         starts = [0] + bounds[:-1]
         # contribution of each block [start, end) to x̂, as (n_blocks, batch, d_in)
-        parts = []
+        blocks: list[Tensor] = []
         for s, e in zip(starts, bounds):
             if out.sparse is not None:
                 sp = out.sparse
@@ -282,8 +282,8 @@ class Matryoshka(Term):
                 )
             else:
                 part = out.codes[:, s:e] @ sae.W_dec[s:e]
-            parts.append(part)
-        parts = torch.stack(parts)
+            blocks.append(part)
+        parts = torch.stack(blocks)
         # x̂ with prefix p = full x̂ − Σ of blocks after p  (reverse cumulative sum)
         tail = parts.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} parts[j]
         y = out.x.float()

@@ -61,6 +61,7 @@ class BatchTopK(nn.Module):
     """
 
     sparse = True
+    threshold: Tensor  # buffer: the inference threshold θ (< 0 until estimated)
 
     def __init__(self, k: int, threshold_momentum: float = 0.99) -> None:
         super().__init__()

@@ -150,9 +150,12 @@ class SparseEncode(torch.autograd.Function):
             # hand back W_enc's own strides (AccumulateGrad would copy otherwise; DDP buckets expect them):
             # W_enc = W_decᵀ-initialised SAEs store it column-major, so the transpose view is already right
             grad_W = grad_Wt.t() if W_enc.t().is_contiguous() else grad_Wt.t().contiguous()
-        colsum = lay.colsum(g) if (need_benc or need_bdec) else None  # (d_sae,)
-        if need_benc:
-            grad_benc = colsum
+        if need_benc or need_bdec:
+            colsum = lay.colsum(g)  # (d_sae,)
+            if need_benc:
+                grad_benc = colsum
+            if need_bdec:
+                grad_bdec = -(W_enc @ colsum.to(W_enc.dtype))  # (d_in,)
         if need_x:
             # ∂L/∂x_b = Σ_j g_bj · W_enc[:, j]  — an embedding-bag over the rows of W_encᵀ
             grad_x = F.embedding_bag(
@@ -162,8 +165,6 @@ class SparseEncode(torch.autograd.Function):
                 mode="sum",
                 per_sample_weights=g.to(W_enc.dtype),
             )
-        if need_bdec:
-            grad_bdec = -(W_enc @ colsum.to(W_enc.dtype))  # (d_in,)
         return grad_x, grad_bdec, grad_W, grad_benc, None, None, None
 
 

@@ -44,6 +44,8 @@ class SAE(nn.Module):
         dtype: parameter dtype.
     """
 
+    b_dec_initialized: Tensor  # bool buffer
+
     def __init__(
         self,
         d_in: int,
@@ -182,10 +184,11 @@ class SAE(nn.Module):
             getattr(self, name).data.copy_(sd[name])
         if "threshold" in sd and hasattr(self.activation, "threshold"):
             th = self.activation.threshold
-            if isinstance(self.activation.threshold, torch.Tensor) and th.ndim == 0:
-                self.activation.threshold.copy_(sd["threshold"].max())
-            elif hasattr(self.activation, "log_threshold"):
-                self.activation.log_threshold.data.copy_(sd["threshold"].clamp_min(1e-12).log())
+            log_th = getattr(self.activation, "log_threshold", None)  # JumpReLU's parameter
+            if isinstance(th, torch.Tensor) and th.ndim == 0:  # BatchTopK's buffer itself
+                th.copy_(sd["threshold"].max())
+            elif isinstance(log_th, torch.Tensor):
+                log_th.data.copy_(sd["threshold"].clamp_min(1e-12).log())
         self.b_dec_initialized.fill_(True)
 
 
