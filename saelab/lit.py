@@ -4,6 +4,12 @@ One training step reads top to bottom: x → sae(x) → objective(out, sae, stat
 the module owns what belongs to training, not to the model: the dead-latent token counter, the
 unit-norm decoder constraint (with the parallel gradient removed), b_dec's data-dependent init and
 metric logging. Validation streams L0 / explained variance / dead fraction over the val set.
+
+Under DDP every rank must hold one model. DDP broadcasts parameters and buffers from rank 0 when it
+wraps the module and averages gradients, so whatever the module changes outside the gradient must agree
+across ranks by construction: b_dec's init reads the first batch of *every* rank (gathered) and is then
+broadcast from rank 0; the dead-latent counter counts the tokens and firings of all ranks; and floating
+buffers that a forward updates from its own batch (BatchTopK's threshold) are averaged after each step.
 """
 
 from __future__ import annotations
@@ -17,6 +23,25 @@ from torch import Tensor, nn
 from saelab.eval.metrics import L0, DeadFraction, ExplainedVariance
 from saelab.objectives import Objective
 from saelab.types import SAEOutput, TrainState
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """The rows of every rank's x, concatenated in rank order (ranks may hold different row counts)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    most = int(max(int(s) for s in sizes))
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
 def batch_acts(batch) -> Tensor:
@@ -71,9 +96,11 @@ class LitSAE(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x = batch_acts(batch)
         if self.global_step == 0:
-            self.sae.init_b_dec(x)
+            self._init_b_dec(x)
         state = TrainState(step=self.global_step, seed=self.seed, dead_mask=self.dead_mask())
         out: SAEOutput = self.sae(x)
+        if _distributed():
+            self._average_buffers()
         loss, logs = self.objective(out, self.sae, state)
         self._count_firing(out, x.shape[0])
         if self.global_step % self.log_every == 0:
@@ -88,13 +115,50 @@ class LitSAE(pl.LightningModule):
         return loss
 
     @torch.no_grad()
+    def _init_b_dec(self, x: Tensor) -> None:
+        """b_dec's data-dependent init (once); under DDP on the rows of all ranks, then rank 0's b_dec."""
+        if not _distributed():
+            self.sae.init_b_dec(x)
+            return
+        # the flag is a buffer DDP keeps equal across ranks, so every rank takes the same branch
+        if bool(getattr(self.sae, "b_dec_initialized", True)):
+            return
+        self.sae.init_b_dec(_gather_rows(x.detach()))
+        # every rank solved the same problem; the broadcast makes the result bit-identical regardless
+        torch.distributed.broadcast(self.sae.b_dec.data, src=0)
+
+    @torch.no_grad()
+    def _average_buffers(self) -> None:
+        """Average the SAE's floating buffers over ranks (each forward updated them from its own batch).
+
+        Computed as b_0 + Σ_r (b_r − b_0) / W, so a buffer no forward changed stays bit-identical.
+        """
+        bufs = [b for b in self.sae.buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        ref = flat.clone()
+        torch.distributed.broadcast(ref, src=0)
+        delta = flat - ref
+        torch.distributed.all_reduce(delta)
+        flat = ref + delta / torch.distributed.get_world_size()
+        i = 0
+        for b in bufs:
+            b.copy_(flat[i : i + b.numel()].view_as(b))
+            i += b.numel()
+
+    @torch.no_grad()
     def _count_firing(self, out: SAEOutput, n_tokens: int) -> None:
+        """Tokens since each latent last fired, counted over the batches of all ranks."""
         fired = self._fired_counts(out) > 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
+            dist = torch.distributed
             f = fired.to(torch.int32)
-            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
+            dist.all_reduce(f, op=dist.ReduceOp.MAX)  # fired on any rank
             fired = f.bool()
-            n_tokens *= torch.distributed.get_world_size()
+            n = torch.tensor(n_tokens, dtype=torch.long, device=f.device)
+            dist.all_reduce(n, op=dist.ReduceOp.SUM)  # ranks' batches may differ in size
+            n_tokens = int(n)
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
 

@@ -153,7 +153,8 @@ def host_stage(
 
     The cache holds `key` (what determines the model: hyper-parameters, corpus fingerprint, fit settings)
     next to the weights; a different key trains again. With `monitor`, the best checkpoint by that
-    validation metric is kept. `trainer_kwargs` go to `pl.Trainer` (max_epochs, ...). Returns the module
+    validation metric is kept. The fit is seeded with `cfg.seed` (as `train.fit` is), so a host trained twice
+    is the same host. `trainer_kwargs` go to `pl.Trainer` (max_epochs, ...). Returns the module
     in eval mode with gradients off, and {"<name>/seconds", "<name>/cached"}.
     """
     cache = run_dir / "host" / f"{name}.pt"
@@ -163,6 +164,8 @@ def host_stage(
             module.load_state_dict(blob["state_dict"])
             return module.eval().requires_grad_(False), {f"{name}/seconds": 0.0, f"{name}/cached": True}
         print(f"saelab: {cache} was trained with other settings; training {name} again.")
+    # as train.fit does: dropout and any other global randomness of the fit follow cfg.seed
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = run_dir / "checkpoints" / name
     best = pl.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1 if monitor else 0, save_last=True

@@ -11,14 +11,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
-from saelab.lit import LitSAE, batch_acts
+from saelab.lit import LitSAE
 from saelab.objectives import Objective
 
 
@@ -69,7 +69,7 @@ def apply_debug(cfg: DictConfig) -> DictConfig:
     changes: dict = {}
     for node in (cfg.debug, cfg.recipe.get("debug")):
         if node:
-            changes.update(OmegaConf.to_container(node, resolve=True))
+            changes.update(plain(node))
     with open_dict(cfg):
         for key, value in changes.items():
             if OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
@@ -78,6 +78,14 @@ def apply_debug(cfg: DictConfig) -> DictConfig:
 
 
 _MISSING = object()
+
+
+def plain(node: DictConfig) -> dict[str, Any]:
+    """A config mapping as a resolved plain dict (for checkpoints, logs and non-Hydra constructors)."""
+    out = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a config mapping, got {type(out).__name__}")
+    return {str(k): v for k, v in out.items()}
 
 
 def build_objective(terms_cfg: DictConfig) -> Objective:
@@ -131,7 +139,7 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
         pl.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_train_steps=cfg.checkpoint.every_n_steps
         ),
-        ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
+        ConfigInCheckpoint(plain(cfg)),
     ]
     logger = make_logger(cfg, run_dir, stage)
     trainer = instantiate(
@@ -142,7 +150,7 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
         plugins=[AtomicCheckpointIO()],
     )
     if logger is not None and hasattr(logger, "log_hyperparams"):
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(plain(cfg))
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=resolve_resume(cfg, ckpt_dir))
     return FitResult(lit, dm, trainer, logger, time.perf_counter() - t0)
@@ -171,9 +179,3 @@ def log_summary(logger, metrics: dict) -> None:
     else:
         logger.log_metrics(flat)
         logger.save()
-
-
-@torch.no_grad()
-def first_batch(dm: pl.LightningDataModule) -> torch.Tensor:
-    """One training batch (for shape checks and data-dependent inits)."""
-    return batch_acts(next(iter(dm.train_dataloader())))

@@ -16,6 +16,8 @@ DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 TERMS = sorted(p.stem for p in (CONF / "objective" / "terms").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+METRICS = sorted(p.stem for p in (CONF / "eval" / "metrics").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 
 
 def bind_targets(node, where: str = "cfg") -> int:
@@ -87,10 +89,68 @@ def test_sweeps_set_only_sweeper_params(sweep: str):
     check(cfg)
 
 
-@pytest.mark.parametrize("group", ["trainer", "logger", "optim", "eval", "paths"])
+@pytest.mark.parametrize("group", ["trainer", "logger", "optim", "paths"])
 def test_every_option_of_other_groups(group: str):
     for opt in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         check(compose_cfg([f"{group}={opt}"]))
+
+
+def test_every_recipe_module_exists_and_has_run():
+    """Each conf/recipe option names a module with run(cfg); recipes resolve inside their experiments."""
+    import importlib
+
+    for name in RECIPES:
+        cfg = compose_cfg([f"recipe={name}"])
+        assert cfg.recipe.name == name
+        assert callable(importlib.import_module(f"saelab.recipes.{name}").run)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_each_evaluator_alone_and_all_together(metric: str):
+    cfg = compose_cfg([f"eval/metrics=[{metric}]"])
+    assert list(cfg.eval.metrics) == [metric]
+    check(cfg)
+    assert set(compose_cfg([f"eval/metrics=[{','.join(METRICS)}]"]).eval.metrics) == set(METRICS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_accept_the_debug_preset(experiment: str):
+    from saelab.train import apply_debug
+
+    full = compose_cfg([f"+experiment={experiment}"])
+    cfg = compose_cfg([f"+experiment={experiment}", "+debug=tiny"])
+    check(cfg)
+    cfg = apply_debug(cfg)
+    assert cfg.trainer.max_steps <= 20 < full.trainer.max_steps
+    assert not cfg.get("logger")
+    for key in ("train_tokens", "max_sequences", "n_analysis"):  # shrunk where the source has the key
+        if key in full.data:  # None means "no limit"
+            assert full.data[key] is None or cfg.data[key] < full.data[key], key
+            assert cfg.data[key] is not None, key
+    for key, value in (cfg.recipe.get("debug") or {}).items():
+        assert OmegaConf.select(cfg, key) == value, f"recipe.debug key {key} was not applied"
+    check(cfg)
+
+
+def test_apply_debug_sets_only_existing_keys():
+    from saelab.train import apply_debug
+
+    cfg = compose_cfg(["+debug=tiny"])  # synthetic data: no train_tokens, no max_sequences
+    apply_debug(cfg)
+    assert "train_tokens" not in cfg.data and "max_sequences" not in cfg.data
+    assert cfg.data.batch_size == 64 and cfg.sae.d_sae == 128
+
+
+@pytest.mark.parametrize(
+    "experiment", [e for e in EXPERIMENTS if "compare" in (CONF / "experiment" / f"{e}.yaml").read_text()]
+)
+def test_every_compare_variant_composes(experiment: str):
+    cfg = compose_cfg([f"+experiment={experiment}"])
+    assert cfg.recipe.name == "compare" and cfg.recipe.variants
+    for name, overrides in cfg.recipe.variants.items():
+        vcfg = compose_cfg([*cfg.recipe.base_overrides, *overrides])
+        assert vcfg.name == cfg.name, name
+        check(vcfg)
 
 
 def test_d_in_is_the_one_cross_axis_interpolation():

@@ -7,6 +7,7 @@ import torch
 from test_protein_host import make_tiny_esm
 from test_protein_recipe import _flatfile
 
+from saelab.data.cache import ActivationCache, cache_key
 from saelab.data.protein import ProteinDataModule
 from saelab.hosts.masked_lm import load_masked_lm
 
@@ -47,19 +48,37 @@ def test_train_stream_resumes_at_a_step(parts):
     dm = _dm(parts)
     dm.setup()
     it = iter(dm.train_dataloader())
-    batches = [next(it)["acts"] for _ in range(5)]
+    batches = [next(it) for _ in range(5)]
     dm.load_state_dict({"position": 3})
-    resumed = next(iter(dm.train_dataloader()))["acts"]
-    torch.testing.assert_close(resumed, batches[3])
+    resumed = next(iter(dm.train_dataloader()))
+    torch.testing.assert_close(resumed["acts"], batches[3]["acts"], rtol=0, atol=0)
     assert sum(b["acts"].shape[0] for b in dm.val_dataloader()) == int(dm.is_val.sum())
+    # batches are scaled training residues, each at most once per epoch, with their token ids
+    train = dm.train_acts
+    per_epoch = int((~dm.is_val).sum()) // 32
+    rows = torch.cat([b["acts"] for b in batches[: min(5, per_epoch)]])
+    assert len(rows.unique(dim=0)) == len(rows)
+    for b in batches:
+        hit = (b["acts"][:, None, :] == train[None]).all(-1)  # [batch, n_train]
+        assert (hit.sum(1) >= 1).all()
+        assert set(b) == {"acts", "token_ids"} and b["token_ids"].shape == (32,)
+    assert dm.scale == dm.act_scale != 1.0
 
 
 def test_harvest_cache_round_trip(parts, tmp_path, monkeypatch):
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
     a = _dm(parts, cache=True)
     a.setup()
-    files = list((tmp_path / "cache" / "protein_acts").glob("*.pt"))
-    assert len(files) == 1
+    # one entry of the shared activation cache, keyed by what determines the activations
+    manifests = list((tmp_path / "cache" / "activations").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    store = ActivationCache(manifests[0].parent)
+    parts_ = a.cache_parts([r.sequence for r in a.records])
+    assert store.key == cache_key(**parts_) and store.n_tokens == len(a.acts)
+    # the same as harvesting without the cache, bit for bit
+    c = _dm(parts, cache=False)
+    c.setup()
+    assert torch.equal(c.acts, a.acts) and torch.equal(c.token_ids, a.token_ids)
     b = _dm(parts, cache=True)
 
     def no_harvest(*args, **kwargs):
@@ -67,7 +86,10 @@ def test_harvest_cache_round_trip(parts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(b.host, "residue_activations", no_harvest)
     b.setup()
-    torch.testing.assert_close(a.acts, b.acts)
+    torch.testing.assert_close(a.acts, b.acts, rtol=0, atol=0)
+    assert torch.equal(a.token_ids, b.token_ids) and a.act_scale == b.act_scale
+    # other sequences (or another host, hook or width) are another key
+    assert cache_key(**a.cache_parts([r.sequence for r in a.records[1:]])) != store.key
 
 
 def test_bad_width_is_reported(parts):

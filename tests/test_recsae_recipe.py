@@ -50,11 +50,11 @@ def tiny_cfg(tmp_path: Path, run_dir: Path, extra=()):
             "objective.terms.auxk.k_aux=8",
             "trainer.max_steps=20",
             "trainer.val_check_interval=10",
-            "sasrec_fit.max_epochs=2",
-            "sasrec_fit.batch_size=32",
-            "recsae.concepts.min_active=3",
-            "recsae.ablation.n_latents=2",
-            "recsae.ablation.n_users=100",
+            "recipe.sasrec_fit.max_epochs=2",
+            "recipe.sasrec_fit.batch_size=32",
+            "recipe.concepts.min_active=3",
+            "recipe.ablation.n_latents=2",
+            "recipe.ablation.n_users=100",
             *extra,
         ],
     )
@@ -86,19 +86,26 @@ def test_recsae_recipe_end_to_end_and_host_cache(tmp_path):
     run_dir = tmp_path / "run"
     results = recsae.run(tiny_cfg(tmp_path, run_dir))
     m = results["metrics"]
-    for k in (5, 10, 20):
-        assert 0 <= m[f"sasrec/test_ndcg@{k}"] <= m[f"sasrec/test_hr@{k}"] <= 1
-        assert 0 <= m[f"sae/test_ndcg@{k}"] <= m[f"sae/test_hr@{k}"] <= 1
-    assert m["sasrec/test_hr@5"] <= m["sasrec/test_hr@10"] <= m["sasrec/test_hr@20"]
+    for k in (5, 10, 20):  # the ranking evaluator: host alone (clean/) and with the reconstruction (sae/)
+        assert 0 <= m[f"eval/clean/ndcg@{k}"] <= m[f"eval/clean/hr@{k}"] <= 1
+        assert 0 <= m[f"eval/sae/ndcg@{k}"] <= m[f"eval/sae/hr@{k}"] <= 1
+    assert m["eval/clean/hr@5"] <= m["eval/clean/hr@10"] <= m["eval/clean/hr@20"]
     assert m["eval/l0"] == pytest.approx(4.0)
-    assert m["sae/train_steps"] == 20
+    assert m["train/steps"] == 20
+    assert m["concepts/n_alive_latents"] >= m["concepts/n_with_concepts"]
     assert m["concepts/n_confident"] <= m["concepts/n_with_concepts"] <= 32
     assert len(results["latents"]) == m["concepts/n_with_concepts"]
     assert all(a["mode"] in ("zero", "boost") and 0 <= a["p_value"] <= 1 for a in results["ablations"])
+    flags = [r["confident"] for r in results["latents"]]
+    assert flags == sorted(flags, reverse=True)  # confident latents first
     on_disk = json.loads((run_dir / "results.json").read_text())
-    assert on_disk["metrics"]["sasrec/test_hr@10"] == pytest.approx(m["sasrec/test_hr@10"])
+    assert on_disk["metrics"]["eval/clean/hr@10"] == pytest.approx(m["eval/clean/hr@10"])
+    assert set(on_disk) >= {"name", "metrics", "latents", "ablations", "export"}
     report = (run_dir / "report.md").read_text()
-    assert "Most confident concept latents" in report and "fidelity.png" in report
+    for heading in ("Fidelity (leave-one-out test, full ranking)", "Most confident concept latents",
+                    "Latent ablation", "Metrics", "Figures", "Artifacts"):  # fmt: skip
+        assert f"## {heading}" in report, heading
+    assert "fidelity.png" in report and "density.png" in report
     for f in ("host/sasrec.pt", "sae/cfg.json", "sae/sae_weights.safetensors", "fidelity.png", "density.png"):
         assert (run_dir / f).exists(), f
     assert m["sasrec/seconds"] > 0
@@ -106,5 +113,6 @@ def test_recsae_recipe_end_to_end_and_host_cache(tmp_path):
     # a rerun in the same run dir reuses the cached SASRec: same host metrics, no host training
     again = recsae.run(tiny_cfg(tmp_path, run_dir, ["resume=auto"]))["metrics"]
     assert again["sasrec/seconds"] == 0.0
-    assert again["sasrec/test_hr@10"] == m["sasrec/test_hr@10"]
-    assert again["sasrec/test_ndcg@10"] == m["sasrec/test_ndcg@10"]
+    assert again["sasrec/cached"] is True
+    assert again["eval/clean/hr@10"] == m["eval/clean/hr@10"]
+    assert again["eval/clean/ndcg@10"] == m["eval/clean/ndcg@10"]

@@ -16,15 +16,23 @@ from the dictionary alone; precision and recall of that prediction are the confi
    confidence = F1 = 2PR/(P+R). A latent is confident when F1 ≥ the bar and F1 beats the trivial
    "always active" predictor, whose F1 is 2ρ/(1+ρ) for a latent active on a share ρ of histories
    (without this, a latent that fires on most histories looks confident whatever its concepts).
+
+`concept_latents` runs the whole assembly (codes, profiles, dictionary on the fit split, confidence on
+fit and held-out splits, counts, per-latent records ordered confident-first) and returns `ConceptLatents`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from saelab.analysis import plots
 
 
 def history_profiles(
@@ -178,3 +186,165 @@ def confidence(
         "base_rate": rate,
         "baseline_f1": 2 * rate / (1 + rate),  # F1 of predicting "active" for every history
     }
+
+
+@torch.no_grad()
+def dense_codes(
+    sae, acts: Float[Tensor, "n d_in"], batch_size: int = 4096, act_scale: float = 1.0
+) -> Float[Tensor, "n d_sae"]:
+    """z = f(s·x) for every row, in batches; s = the source's `act_scale` (the SAE's input units)."""
+    chunks = [sae.encode(acts[i : i + batch_size] * act_scale) for i in range(0, len(acts), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, sae.d_sae)
+
+
+@dataclass(frozen=True)
+class ConceptLatent:
+    """One latent with a concept set and its interpretation confidence (a row of results.json `latents`)."""
+
+    latent: int
+    f1: float  # held-out F1 of predicting "active" from the concepts
+    precision: float
+    recall: float
+    f1_fit: float  # the same on the fit split
+    baseline_f1: float  # held-out F1 of predicting "active" everywhere
+    confident: bool  # f1 ≥ the bar and f1 > baseline_f1
+    n_active_heldout: int
+    concepts: dict[str, float]  # attribute name → lift, highest lift first
+    examples: list[str]  # titles of the newest items of its top-activating fit histories
+    attrs: list[int]  # attribute indices of `concepts`, same order
+    max_fit: float  # its largest activation on the fit split (the scale of a boost)
+
+
+@dataclass
+class ConceptLatents:
+    """What `concept_latents` found: the dictionary, ordered per-latent records and their counts.
+
+    `metrics`: `n_alive_latents` (fire on ≥ 1 fit row), `n_with_concepts`, `n_confident` (F1 ≥ bar and
+    above the "always active" baseline), `n_confident_pr` (precision and recall ≥ bar, above baseline),
+    `n_above_baseline`, `mean_f1_heldout`, `mean_f1_fit`.
+    """
+
+    dictionary: ConceptDictionary
+    latents: list[ConceptLatent]  # confident first, then by held-out F1
+    metrics: dict[str, float]
+    heldout: dict[str, Tensor]  # `confidence` on the held-out split, in dictionary order
+    fit: dict[str, Tensor]  # `confidence` on the fit split
+    settings: dict[str, Any] = field(default_factory=dict)  # decay, confidence_bar, n_fit, n_heldout
+
+    def records(self) -> list[dict]:
+        """The per-latent records as JSON-ready dicts."""
+        return [asdict(r) for r in self.latents]
+
+    def table(self, n: int) -> tuple[list[str], list[list]]:
+        """(headers, rows) of the n most confident latents, for a report table."""
+        headers = ["latent", "F1", "F1 of 'always active'", "precision", "recall", "active (held-out)",
+                   "concepts (lift)", "example movies"]  # fmt: skip
+        rows = [
+            [r.latent, r.f1, r.baseline_f1, r.precision, r.recall, r.n_active_heldout,
+             ", ".join(f"{a} ({lf:.1f}×)" for a, lf in r.concepts.items()), "; ".join(r.examples[:3])]
+            for r in self.latents[:n]
+        ]  # fmt: skip
+        return headers, rows
+
+    def note(self) -> str:
+        """What the table shows and how it was measured, in one paragraph."""
+        m, s = self.metrics, self.settings
+        bar = s["confidence_bar"]
+        return (
+            f"{m['n_with_concepts']} of {m['n_alive_latents']} live latents have a concept set; "
+            f"{m['n_confident']} reach held-out F1 ≥ {bar} and beat the 'always active' predictor (precision "
+            f"and recall ≥ {bar}: {m['n_confident_pr']}). The dictionary is built on {s['n_fit']} histories "
+            f"of half the users and scored on {s['n_heldout']} histories of the other half. Concepts are "
+            f"attributes whose recency-weighted share (decay {s['decay']}) in the latent's top-activating "
+            "histories exceeds their background share (lift); example movies are the newest items of those "
+            "histories."
+        )
+
+    def plot(self, path: str | Path) -> Path | None:
+        """Histogram of held-out F1 per concept latent (None when the dictionary is empty)."""
+        if not len(self.heldout["f1"]):
+            return None
+        return plots.histogram(self.heldout["f1"], Path(path), "held-out F1 of the concept prediction",
+                               "Interpretation confidence per concept latent")  # fmt: skip
+
+
+@torch.no_grad()
+def concept_latents(
+    sae,
+    fit: Mapping[str, Tensor],
+    heldout: Mapping[str, Tensor],
+    item_attrs: Bool[Tensor, "n_items_1 n_attrs"],
+    attr_names: list[str],
+    titles: list[str],
+    *,
+    decay: float,
+    n_top: int,
+    min_lift: float,
+    min_support: float,
+    max_concepts: int,
+    min_active: int,
+    confidence_bar: float,
+    n_examples: int = 4,
+    act_scale: float = 1.0,
+) -> ConceptLatents:
+    """The concept dictionary of an SAE over item histories, with its held-out confidence (steps 1–5 above).
+
+    Args:
+        sae: the SAE (`encode`, `d_sae`).
+        fit, heldout: rows of two disjoint user sets, each {"acts": [n, d_in] host representations,
+            "window": [n, L] left-padded item ids, "item": [n] the newest item}; the dictionary and its
+            thresholds are fitted on `fit` and scored on both.
+        item_attrs, attr_names, titles: item attributes (row 0 = padding), their names, item titles.
+        decay: recency weight w_t = decay^(T−t) of the profiles (step 1).
+        n_top, min_lift, min_support, max_concepts, min_active: `build_dictionary` (steps 2–4).
+        confidence_bar: the F1 a latent needs (and the "always active" F1 it must beat) to be confident.
+        n_examples: example titles kept per latent (from its 12 top-activating fit histories).
+        act_scale: the source's `act_scale`; codes are f(act_scale · acts).
+
+    Latents are ordered confident-first: those above the baseline by held-out F1, then the rest by F1.
+    """
+    z_fit = dense_codes(sae, fit["acts"], act_scale=act_scale)
+    z_held = dense_codes(sae, heldout["acts"], act_scale=act_scale)
+    p_fit = history_profiles(fit["window"], item_attrs, decay)
+    p_held = history_profiles(heldout["window"], item_attrs, decay)
+    dic = build_dictionary(z_fit, p_fit, attr_names, n_top=n_top, min_lift=min_lift, min_support=min_support,
+                           max_concepts=max_concepts, min_active=min_active)  # fmt: skip
+    conf_held, conf_fit = confidence(dic, z_held, p_held), confidence(dic, z_fit, p_fit)
+    f1, bar = conf_held["f1"], float(confidence_bar)
+    beats = f1 > conf_held["baseline_f1"]  # better than predicting "active" everywhere
+    confident = (f1 >= bar) & beats
+    metrics = {
+        "n_alive_latents": int(((z_fit > 0).sum(0) > 0).sum()),
+        "n_with_concepts": len(dic.latents),
+        "n_confident": int(confident.sum()),
+        "n_confident_pr": int(((conf_held["precision"] >= bar) & (conf_held["recall"] >= bar) & beats).sum()),
+        "n_above_baseline": int(beats.sum()),
+        "mean_f1_heldout": float(f1.mean()) if len(f1) else 0.0,
+        "mean_f1_fit": float(conf_fit["f1"].mean()) if len(f1) else 0.0,
+    }
+    order = torch.where(beats, f1, f1 - 2).argsort(descending=True).tolist()  # F1 ≤ 1: confident first
+    records = []
+    for r in order:
+        j = int(dic.latents[r])
+        examples: list[str] = []
+        for it in fit["item"][dic.top_rows[:, r][:12]].tolist():
+            if titles[it] and titles[it] not in examples:
+                examples.append(titles[it])
+        records.append(
+            ConceptLatent(
+                latent=j,
+                f1=float(f1[r]),
+                precision=float(conf_held["precision"][r]),
+                recall=float(conf_held["recall"][r]),
+                f1_fit=float(conf_fit["f1"][r]),
+                baseline_f1=float(conf_held["baseline_f1"][r]),
+                confident=bool(confident[r]),
+                n_active_heldout=int(conf_held["n_active"][r]),
+                concepts={a: round(lf, 3) for a, lf in zip(dic.names(r), dic.lifts[r], strict=True)},
+                examples=examples[:n_examples],
+                attrs=list(dic.concepts[r]),
+                max_fit=float(z_fit[:, j].max()),
+            )
+        )
+    settings = {"decay": decay, "confidence_bar": bar, "n_fit": len(z_fit), "n_heldout": len(z_held)}
+    return ConceptLatents(dic, records, metrics, conf_held, conf_fit, settings)

@@ -3,19 +3,21 @@
 The activation source of the protein recipe (Villegas Garcia & Ansuini, arXiv:2502.09135): Swiss-Prot
 entries are parsed into residues with annotation labels (`saelab.corpora.swissprot`), cropped to the
 host's context, split by sequence into train / validation, and passed once through the host up to the
-hook layer. The data is small (tens of thousands of residues), so activations are held in memory
-(and cached on disk under the asset cache, keyed by everything that determines them).
+hook layer. The data is small (tens of thousands of residues), so activations are held in memory; they
+are harvested once into the shared activation cache (`saelab.data.cache`), keyed by what determines them
+(host name, hook, a checksum of its weights, d_in and the sequences), so a rerun or a parallel sweep job
+reads them back instead of running the host.
 
-Activations are scaled by one constant s so that E‖s·x‖² = d_in over the training residues (the usual
-SAE input normalisation, so one set of SAE hyper-parameters suits hosts of any scale); the splice and
-the steering hook apply the same s and undo it.
+Training batches come from the shared stream (`saelab.data.stream`): a fresh seeded permutation of the
+training residues per epoch, split by rank under DDP, resumed at the trainer's step. Activations are
+scaled by one constant s (`act_scale`, alias `scale`) so that E‖s·x‖² = d_in over the training residues
+(the usual SAE input normalisation, so one set of SAE hyper-parameters suits hosts of any scale); the
+splice and the steering hook apply the same s and undo it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from saelab.corpora.swissprot import (
     DEFAULT_ANNOTATIONS,
@@ -33,25 +35,36 @@ from saelab.corpora.swissprot import (
     label_names,
     parse_swissprot,
 )
+from saelab.data.cache import build_cache
+from saelab.data.stream import Shuffled, StreamPosition, norm_scale, scaled
 from saelab.hosts.masked_lm import MaskedLMHost
 
 
-class _RandomBatches(IterableDataset):
-    """Batch i is a seeded draw (with replacement) of training rows: a pure function of (seed, i)."""
-
-    def __init__(self, acts: Tensor, batch_size: int, seed: int, start: int) -> None:
-        self.acts, self.batch_size, self.seed, self.start = acts, batch_size, seed, start
-
-    def __iter__(self):
-        i = self.start
-        while True:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + i * 2_654_435_761) % (2**63 - 1))
-            yield {"acts": self.acts[torch.randint(len(self.acts), (self.batch_size,), generator=g)]}
-            i += 1
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a model's parameters and buffers (16 hex chars)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-class ProteinDataModule(pl.LightningDataModule):
+def sequences_fingerprint(sequences: list[str]) -> str:
+    """sha256 over the sequences in order (newline-separated; residues are letters)."""
+    h = hashlib.sha256()
+    for s in sequences:
+        h.update(s.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+class ProteinDataModule(StreamPosition, pl.LightningDataModule):
     """Residue activations of `host` on annotated Swiss-Prot sequences.
+
+    Training batches are {"acts": [batch, d_in], "token_ids": [batch]} (`acts` scaled by `act_scale`).
+    After `setup()`: `records`, `label_names`, `labels` [n, n_labels], `seq_of`, `position_in_seq`,
+    `token_ids` (per residue), `val_seqs`, `is_val`, and the scaled activations `acts`, `train_acts`,
+    `val_acts`.
 
     Args:
         host: the masked LM host (built from `data.host`).
@@ -64,8 +77,9 @@ class ProteinDataModule(pl.LightningDataModule):
         val_fraction: share of windows held out for evaluation and fidelity.
         batch_size: SAE training batch (residues).
         harvest_batch_size: sequences per host forward while harvesting.
-        normalize: scale activations to E‖x‖² = d_in.
-        cache: keep harvested activations on disk in the asset cache.
+        normalize: scale activations by s with E‖s·x‖² = d_in over the training residues.
+        cache: keep harvested activations in the shared activation cache.
+        cache_dir: root of the activation cache (None: `<saelab cache>/activations`).
         seed: split and batch order.
     """
 
@@ -83,6 +97,7 @@ class ProteinDataModule(pl.LightningDataModule):
         harvest_batch_size: int = 8,
         normalize: bool = True,
         cache: bool = True,
+        cache_dir: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -98,8 +113,13 @@ class ProteinDataModule(pl.LightningDataModule):
         self.min_subtype_residues, self.max_residues = int(min_subtype_residues), int(max_residues)
         self.max_sequences, self.val_fraction = max_sequences, float(val_fraction)
         self.batch_size, self.harvest_batch_size = int(batch_size), int(harvest_batch_size)
-        self.normalize, self.cache, self.seed = bool(normalize), bool(cache), int(seed)
-        self.position = 0
+        self.normalize, self.cache, self.cache_dir, self.seed = (
+            bool(normalize),
+            bool(cache),
+            cache_dir,
+            int(seed),
+        )
+        self.act_scale = 1.0
         self._ready = False
 
     # ------------------------------------------------------------------ harvesting
@@ -130,73 +150,64 @@ class ProteinDataModule(pl.LightningDataModule):
             raise ValueError(f"{len(records)} sequences are too few to hold out a validation split.")
         self.val_seqs = sorted(perm[:n_val].tolist())
         self.is_val: Bool[Tensor, " n"] = torch.isin(self.seq_of, torch.tensor(self.val_seqs))
-        train = raw[~self.is_val]
-        self.scale = float((self.d_in / train.pow(2).sum(1).mean()).sqrt()) if self.normalize else 1.0
-        self.acts: Float[Tensor, "n d_in"] = raw * self.scale
+        self._raw: Float[Tensor, "n d_in"] = raw
+        self.act_scale = norm_scale(raw[~self.is_val], self.d_in) if self.normalize else 1.0
         self._ready = True
 
-    def _cache_key(self, sequences: list[str]) -> str:
-        h = hashlib.sha256()
-        # the host's identity: its name, hook and a checksum of its weights
-        weights = sum(float(p.double().abs().sum()) for p in self.host.model.parameters())
-        key = {"host": self.host.name, "hook": self.host.hook, "weights": f"{weights:.6e}", "d_in": self.d_in}
-        h.update(json.dumps(key, sort_keys=True).encode())
-        for s in sequences:
-            h.update(s.encode() + b"\n")
-        return h.hexdigest()[:24]
+    @property
+    def scale(self) -> float:
+        """Alias of `act_scale` (the protein recipe, fidelity and steering read it)."""
+        return self.act_scale
+
+    def cache_parts(self, sequences: list[str]) -> dict:
+        """What determines the activations: the activation-cache key."""
+        return {
+            "host_id": self.host.name,
+            "hook": str(self.host.hook),
+            "corpus_fingerprint": sequences_fingerprint(sequences),
+            "d_in": self.d_in,
+            "extra": {"kind": "protein_residues", "weights": weights_checksum(self.host.model)},
+        }
 
     def _harvest(self, sequences: list[str]) -> tuple[Tensor, Tensor]:
         if not self.cache:
             return self.host.residue_activations(sequences, self.harvest_batch_size)
         from saelab.assets import cache_dir
-        from saelab.files import atomic_write_bytes
 
-        path = cache_dir() / "protein_acts" / f"{self._cache_key(sequences)}.pt"
-        if path.exists():
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                return blob["acts"].float(), blob["token_ids"]
-            except Exception:  # a corrupt cache file is rebuilt rather than trusted
-                path.unlink(missing_ok=True)
-        acts, ids = self.host.residue_activations(sequences, self.harvest_batch_size)
-        buf = io.BytesIO()
-        torch.save({"acts": acts, "token_ids": ids}, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buf.getvalue())
-        return acts, ids
+        def producer():
+            return [self.host.residue_activations(sequences, self.harvest_batch_size)]
+
+        root = Path(self.cache_dir) if self.cache_dir else cache_dir() / "activations"
+        store = build_cache(root, producer, progress=False, **self.cache_parts(sequences))
+        rows = store.rows(np.arange(store.n_tokens), ["acts", "token_ids"])
+        return torch.from_numpy(rows["acts"]), torch.from_numpy(rows["token_ids"].astype(np.int64))
 
     # ------------------------------------------------------------------ views
     @property
+    def acts(self) -> Float[Tensor, "n d_in"]:
+        """Activations of every residue, scaled by `act_scale` (what the SAE reads)."""
+        return scaled({"acts": self._raw}, self.act_scale)["acts"]
+
+    @property
     def train_acts(self) -> Float[Tensor, "n_train d_in"]:
-        return self.acts[~self.is_val]
+        return scaled({"acts": self._raw[~self.is_val]}, self.act_scale)["acts"]
 
     @property
     def val_acts(self) -> Float[Tensor, "n_val d_in"]:
-        return self.acts[self.is_val]
+        return scaled({"acts": self._raw[self.is_val]}, self.act_scale)["acts"]
 
     def val_sequences(self) -> list[str]:
         return [self.records[i].sequence for i in self.val_seqs]
 
     # ------------------------------------------------------------------ loaders
-    def _start(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else self.position
-
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        self.position = self._start()
-        return DataLoader(
-            _RandomBatches(self.train_acts, self.batch_size, self.seed, self.position), batch_size=None
-        )
+        train = {"acts": self._raw[~self.is_val], "token_ids": self.token_ids[~self.is_val]}
+        return self._train_loader(Shuffled(train, self.batch_size, self.seed), self.act_scale)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        v = self.val_acts
-        batches = [{"acts": v[i : i + self.batch_size]} for i in range(0, len(v), self.batch_size)]
+        v = self._raw[self.is_val]
+        bs = self.batch_size
+        batches = [scaled({"acts": v[i : i + bs]}, self.act_scale) for i in range(0, len(v), bs)]
         return DataLoader(batches, batch_size=None)
-
-    def state_dict(self) -> dict:
-        return {"position": self._start()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))

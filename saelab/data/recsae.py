@@ -11,7 +11,11 @@ Rows keep, for analysis, the window's item ids, the user, the position t and the
   * val: the leave-one-out test histories (one per user, the order the recommender sees);
   * analysis "fit" / "heldout": unshuffled windows of two disjoint halves of the users, at most
     `n_analysis` rows each; a concept dictionary is built on "fit" and scored on "heldout".
-The train stream is a pure function of (seed, step), so a resumed run sees the same batches.
+The train stream is the shared one (`saelab.data.stream`): a fresh seeded permutation of the training
+rows per epoch, split by rank under DDP, a pure function of (seed, step, rank, world), so a resumed run
+sees the same batches. With `normalize`, training and validation batches are scaled by `act_scale`
+(E‖s·x‖² = d_in over the training rows); the `train`, `analysis` and `test` tables keep the host's raw
+representations.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import pytorch_lightning as pl
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from saelab.corpora.movielens import Interactions, exclusion_mask, pad_left
+from saelab.data.stream import Shuffled, StreamPosition, norm_scale, scaled
 
 
 def history_windows(
@@ -61,23 +66,7 @@ def harvest(
     return torch.cat(out) if out else torch.zeros(0, host.d_in)
 
 
-class _Stream(IterableDataset):
-    def __init__(self, tensors: dict[str, Tensor], batch_size: int, seed: int, start: int) -> None:
-        self.tensors, self.batch_size, self.seed, self.start = tensors, batch_size, seed, start
-        self.n = len(tensors["acts"])
-        self.per_epoch = max(1, self.n // batch_size)
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            epoch, i = divmod(step, self.per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-            yield {k: v[idx] for k, v in self.tensors.items()}
-            step += 1
-
-
-class RecSAEDataModule(pl.LightningDataModule):
+class RecSAEDataModule(StreamPosition, pl.LightningDataModule):
     """Batches `{"acts": [batch, d_in], "window", "user", "pos", "item"}` of SASRec user representations.
 
     Args:
@@ -89,6 +78,7 @@ class RecSAEDataModule(pl.LightningDataModule):
         n_analysis: rows in each of the "fit" and "heldout" analysis splits.
         harvest_batch_size: windows per host forward.
         seed: seeds shuffling, the user split and the batch order.
+        normalize: scale SAE inputs by s with E‖s·x‖² = d_in over the training rows (`act_scale`).
     """
 
     def __init__(
@@ -101,6 +91,7 @@ class RecSAEDataModule(pl.LightningDataModule):
         n_analysis: int = 16000,
         harvest_batch_size: int = 2048,
         seed: int = 0,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if host is None or corpus is None or not hasattr(host, "user_repr"):
@@ -117,8 +108,8 @@ class RecSAEDataModule(pl.LightningDataModule):
             int(harvest_batch_size),
             int(seed),
         )
+        self.normalize, self.act_scale = bool(normalize), 1.0
         self.train: dict[str, Tensor] | None = None
-        self.position = 0
 
     # ------------------------------------------------------------------ harvesting
     def setup(self, stage: str | None = None) -> None:
@@ -137,6 +128,7 @@ class RecSAEDataModule(pl.LightningDataModule):
             "pos": pos,
             "item": train_windows[:, -1],
         }
+        self.act_scale = norm_scale(acts, self.d_in) if self.normalize else 1.0
 
         # analysis splits: unshuffled windows, two disjoint halves of the users
         perm = torch.randperm(self.corpus.n_users, generator=g)
@@ -171,26 +163,15 @@ class RecSAEDataModule(pl.LightningDataModule):
         }
 
     # ------------------------------------------------------------------ loaders
-    def _start(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else self.position
-
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        self.position = self._start()
-        return DataLoader(_Stream(self.train, self.batch_size, self.seed, self.position), batch_size=None)
+        return self._train_loader(Shuffled(self.train, self.batch_size, self.seed), self.act_scale)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        t = self.test
+        t, bs = self.test, self.batch_size
         batches = [
-            {"acts": t["acts"][i : i + self.batch_size], "window": t["window"][i : i + self.batch_size]}
-            for i in range(0, len(t["acts"]), self.batch_size)
+            scaled({"acts": t["acts"][i : i + bs], "window": t["window"][i : i + bs]}, self.act_scale)
+            for i in range(0, len(t["acts"]), bs)
         ]
         return DataLoader(batches, batch_size=None)
-
-    def state_dict(self) -> dict:
-        return {"position": self._start()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))

@@ -5,7 +5,7 @@ they are in superposition), Bernoulli activity a_i with power-law frequencies p_
 scaled so that E[Σ a_i] = mean_active, magnitudes m_i ~ U(0.5, 1.5), and `n_parents` parent/child
 groups: a child can fire only when its parent fires (the hierarchy that invites feature absorption,
 Chanin et al. 2024). Each batch is a pure function of (seed, batch index), so a resumed run sees
-exactly the batches an uninterrupted run would.
+exactly the batches an uninterrupted run would, and the ranks of a DDP run read distinct batches.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytorch_lightning as pl
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
+
+from saelab.data.stream import NORM_SAMPLE_ROWS, BatchStream, StreamPosition, norm_scale
 
 
 class SyntheticFeatures:
@@ -76,33 +78,20 @@ class SyntheticFeatures:
         return x, coeffs
 
 
-class _Stream(IterableDataset):
-    """Batches start, start+1, ... of the global stream; under DDP rank r of w takes step·w + r."""
+class SyntheticDataModule(StreamPosition, pl.LightningDataModule):
+    """Activation source over `SyntheticFeatures`; yields {"acts": [batch_size, d_in]} batches.
 
-    def __init__(
-        self,
-        features: SyntheticFeatures,
-        batch_size: int,
-        start: int,
-        stop: int | None,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        self.features, self.batch_size, self.start, self.stop = features, batch_size, start, stop
-        self.rank, self.world = rank, world
+    Global batch g is `features.sample(batch_size, g)`; rank r of W at step s trains on g = s·W + r
+    (`saelab.data.stream`), from the trainer's global step on (the data position is in every checkpoint).
+    Validation reads batches −val_batches..−1, which training never reaches. `true_features` exposes the
+    ground-truth directions for feature-recovery metrics.
 
-    def __iter__(self):
-        i = self.start
-        while self.stop is None or i < self.stop:
-            yield self.features.sample(self.batch_size, i * self.world + self.rank)[0]
-            i += 1
-
-
-class SyntheticDataModule(pl.LightningDataModule):
-    """Activation source over `SyntheticFeatures`; yields [batch_size, d_in] tensors.
-
-    `true_features` exposes the ground-truth directions for feature-recovery metrics. The training
-    stream resumes from the trainer's global step (the data position is part of every checkpoint).
+    Args:
+        d_in, n_features, mean_active, power, n_parents, children_per_parent, child_prob, noise, seed:
+            the generative model (`SyntheticFeatures`).
+        batch_size: rows per batch.
+        val_batches: batches per validation pass.
+        normalize: scale inputs by s with E‖s·x‖² = d_in (fit on the first `NORM_SAMPLE_ROWS` training rows).
     """
 
     def __init__(
@@ -118,36 +107,29 @@ class SyntheticDataModule(pl.LightningDataModule):
         noise: float = 0.0,
         val_batches: int = 4,
         seed: int = 0,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         self.d_in, self.batch_size, self.val_batches = d_in, batch_size, val_batches
         self.features = SyntheticFeatures(
             d_in, n_features, mean_active, power, n_parents, children_per_parent, child_prob, noise, seed
         )
-        self.position = 0
+        self.normalize = bool(normalize)
+        self.act_scale = 1.0
+        if self.normalize:
+            n = -(-NORM_SAMPLE_ROWS // batch_size)
+            self.act_scale = norm_scale(torch.cat([self._batch(g)["acts"] for g in range(n)]), d_in)
 
     @property
     def true_features(self) -> Float[Tensor, "n_features d_in"]:
         return self.features.directions
 
-    def _start(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else self.position
+    def _batch(self, g: int) -> dict[str, Tensor]:
+        return {"acts": self.features.sample(self.batch_size, g)[0]}
 
     def train_dataloader(self) -> DataLoader:
-        self.position = self._start()
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(
-            _Stream(self.features, self.batch_size, self.position, None, rank, world), batch_size=None
-        )
+        return self._train_loader(self._batch, self.act_scale)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.features, self.batch_size, -self.val_batches, 0), batch_size=None)
-
-    def state_dict(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        return {"position": int(trainer.global_step) if trainer is not None else self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
+        val = BatchStream(self._batch, start=-self.val_batches, stop=0, act_scale=self.act_scale)
+        return DataLoader(val, batch_size=None)

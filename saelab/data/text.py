@@ -7,9 +7,12 @@ positions whose activations are harvested, and spliced evaluation keeps the orig
 
 Harvested activations go to the shared activation cache (`cache=True`, keyed by what determines them:
 host, hook, dtype, corpus fingerprint, packing and token budget), so a second run or a parallel sweep job
-reuses them. With `cache=False` the training stream runs the host on the fly. Training batches are a
-pure function of (seed, batch index), so a resumed run (which starts at `trainer.global_step`) sees
-exactly the batches an uninterrupted run would.
+reuses them; the cache's own stream (`CacheDataset`) reads them in a seeded order, split by rank. With
+`cache=False` the training stream runs the host on the fly (`_Live`, a source of the shared stream in
+`saelab.data.stream`), also split by rank. Either way training batches are {"acts", "token_ids"}, a pure
+function of (seed, step, rank, world), so a resumed run (which starts at `trainer.global_step`) sees
+exactly the batches an uninterrupted run would. With `normalize`, "acts" of training and validation
+batches are scaled by `act_scale` (E‖s·x‖² = d_in, fit on the first `NORM_SAMPLE_ROWS` training rows).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from saelab.data.cache import CacheDataset, build_cache
+from saelab.data.stream import NORM_SAMPLE_ROWS, StreamPosition, epoch_permutation, norm_scale, scaled
 
 PACKING_VERSION = 1
 
@@ -143,7 +147,7 @@ def harvest(
 
 
 class ActivationStore:
-    """Harvested activations held in memory (cache=False); reads like `saelab.data.cache.ActivationCache`."""
+    """Harvested activations held in memory (cache=False); `rows` reads like `ActivationCache.rows`."""
 
     def __init__(self, acts: Float[Tensor, "n d_in"], token_ids: Int[Tensor, " n"]) -> None:
         self.acts, self.token_ids = acts, token_ids
@@ -154,68 +158,91 @@ class ActivationStore:
         acts, ids = zip(*chunks, strict=True)
         return cls(torch.cat(acts), torch.cat(ids))
 
-    def batches(self, batch_size: int, shuffle: bool = False, epochs: int | None = 1, **_) -> Iterator[dict]:
-        for i in range(0, self.n_tokens, batch_size):
-            yield {
-                "acts": self.acts[i : i + batch_size].float(),
-                "token_ids": self.token_ids[i : i + batch_size],
-            }
-
     def rows(self, idx, columns=None) -> dict:
         idx = torch.as_tensor(idx)
-        return {"acts": self.acts[idx].numpy(), "token_ids": self.token_ids[idx].numpy()}
+        cols = {"acts": self.acts, "token_ids": self.token_ids}
+        return {c: cols[c][idx].numpy() for c in (columns if columns is not None else cols)}
 
 
 class _Ordered(IterableDataset):
-    """The first `n_batches` batches of a store, in order (validation)."""
+    """The first `n_batches` batches of a store, rows in storage order (validation)."""
 
-    def __init__(self, store, batch_size: int, n_batches: int | None) -> None:
-        self.store, self.batch_size, self.n_batches = store, batch_size, n_batches
+    def __init__(self, store, batch_size: int, n_batches: int | None, act_scale: float = 1.0) -> None:
+        self.store, self.batch_size, self.n_batches, self.act_scale = store, batch_size, n_batches, act_scale
 
     def __iter__(self):
-        for i, b in enumerate(self.store.batches(self.batch_size, shuffle=False, epochs=1)):
+        n, bs = self.store.n_tokens, self.batch_size
+        for i, start in enumerate(range(0, n, bs)):
             if self.n_batches is not None and i >= self.n_batches:
                 return
-            yield b
+            rows = self.store.rows(np.arange(start, min(start + bs, n)))
+            b = {k: torch.from_numpy(v.astype(np.int64)) for k, v in rows.items() if k != "acts"}
+            b["acts"] = torch.from_numpy(rows["acts"].astype(np.float32, copy=False))
+            yield scaled(b, self.act_scale)
 
 
-class _Live(IterableDataset):
-    """cache=False: contexts are drawn in a seeded order and run through the host as training needs them."""
+class _Live:
+    """cache=False: the host runs as training needs it; global batch g comes from one harvested *window*.
 
-    def __init__(self, dm: TextActivations, start: int) -> None:
-        self.dm, self.start = dm, start
+    Epoch e orders the training contexts by a seeded permutation π_e (`epoch_permutation`) and reads their
+    SAE positions as one row sequence. Window w of the epoch is its rows [w·m·bs, (w+1)·m·bs): harvested by
+    running the host on the contexts that overlap it (about m·bs / (context_len − 1) + 2), its rows shuffled
+    by a permutation seeded by (seed, e, w); batch j of the window is the shuffled rows [j·bs, (j+1)·bs).
+    So g = (e·n_windows + w)·m + j, every row is read at most once per epoch, and with the stream's
+    `group=m` each window is harvested once, by the one rank that trains on its m batches.
+    """
 
-    def __iter__(self):
-        dm, ctx = self.dm, self.dm.train_contexts
-        bs = dm.batch_size
-        per_fwd = max(1, dm.harvest_batch)
-        pending: list[tuple[Tensor, Tensor]] = []
-        step, i = 0, 0
-        g = torch.Generator().manual_seed(dm.seed)
-        order = torch.randperm(len(ctx), generator=g)
-        while True:
-            if i >= len(order):
-                order, i = torch.randperm(len(ctx), generator=g), 0
-            sel = order[i : i + per_fwd]
-            i += per_fwd
-            c = Contexts(ctx.input_ids[sel], ctx.attention_mask[sel], ctx.sae_mask[sel])
-            pending.extend(harvest(dm.host, c, per_fwd, progress=False))
-            acts = torch.cat([a for a, _ in pending])
-            ids = torch.cat([t for _, t in pending])
-            pending = []
-            perm = torch.randperm(acts.shape[0], generator=g)
-            n_full = acts.shape[0] // bs
-            for b in range(n_full):
-                if step >= self.start:
-                    rows = perm[b * bs : (b + 1) * bs]
-                    yield {"acts": acts[rows], "token_ids": ids[rows]}
-                step += 1
-            rest = perm[n_full * bs :]
-            if rest.numel():
-                pending.append((acts[rest], ids[rest]))
+    def __init__(self, host, contexts: Contexts, batch_size: int, harvest_batch: int, seed: int) -> None:
+        self.host, self.contexts, self.batch_size = host, contexts, int(batch_size)
+        self.harvest_batch, self.seed = max(1, int(harvest_batch)), int(seed)
+        self.lengths = contexts.sae_mask.sum(1)  # SAE positions per context
+        self.n = int(self.lengths.sum())
+        if self.n < self.batch_size:
+            raise ValueError(
+                f"the training contexts hold {self.n} SAE positions, fewer than "
+                f"batch_size={self.batch_size}: lower data.batch_size or give the corpus more text."
+            )
+        # a window is about one host forward's worth of rows (harvest_batch contexts), in whole batches
+        per_fwd = self.harvest_batch * self.n // len(contexts)
+        self.m = max(1, min(per_fwd // self.batch_size, self.n // self.batch_size))
+        self.window_rows = self.m * self.batch_size
+        self.n_windows = self.n // self.window_rows
+        self._epoch, self._order, self._cum = -1, None, None
+        self._key, self._window = None, None
+
+    def _epoch_layout(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._order = epoch_permutation(len(self.contexts), self.seed, epoch)
+            self._cum = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths[self._order].cumsum(0)])
+            self._epoch = epoch
+
+    def rows(self, epoch: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(acts, token_ids) of rows [start, stop) of epoch `epoch`'s row sequence (runs the host)."""
+        self._epoch_layout(epoch)
+        k0 = int(torch.searchsorted(self._cum, start, right=True)) - 1
+        k1 = int(torch.searchsorted(self._cum, stop, right=False))
+        sel = self._order[k0:k1]
+        c = Contexts(
+            self.contexts.input_ids[sel], self.contexts.attention_mask[sel], self.contexts.sae_mask[sel]
+        )
+        acts, ids = zip(*harvest(self.host, c, self.harvest_batch, progress=False), strict=True)
+        off = start - int(self._cum[k0])
+        return torch.cat(acts)[off : off + stop - start], torch.cat(ids)[off : off + stop - start]
+
+    def __call__(self, g: int) -> dict[str, Tensor]:
+        gw, j = divmod(g, self.m)
+        epoch, w = divmod(gw, self.n_windows)
+        if self._key != (epoch, w):
+            acts, ids = self.rows(epoch, w * self.window_rows, (w + 1) * self.window_rows)
+            seed = ((self.seed * 1_000_003 + epoch) * 2_654_435_761 + w) % (2**63 - 1)
+            perm = torch.randperm(self.window_rows, generator=torch.Generator().manual_seed(seed))
+            self._key, self._window = (epoch, w), (acts, ids, perm)
+        acts, ids, perm = self._window
+        r = perm[j * self.batch_size : (j + 1) * self.batch_size]
+        return {"acts": acts[r], "token_ids": ids[r]}
 
 
-class TextActivations(pl.LightningDataModule):
+class TextActivations(StreamPosition, pl.LightningDataModule):
     """Activations of a causal-LM host on a text corpus, as shuffled {"acts", "token_ids"} batches.
 
     Args:
@@ -233,6 +260,8 @@ class TextActivations(pl.LightningDataModule):
         cache_dir: root of the activation cache (default `<saelab cache>/activations`).
         val_batches: batches per validation pass (None = all of `val_tokens`).
         seed: shuffling seed.
+        normalize: scale "acts" by s with E‖s·x‖² = d_in (`act_scale`, fit on the first
+            `NORM_SAMPLE_ROWS` training rows of the stream's order).
     """
 
     def __init__(
@@ -250,6 +279,7 @@ class TextActivations(pl.LightningDataModule):
         cache_dir: str | None = None,
         val_batches: int | None = None,
         seed: int = 0,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if train_tokens < batch_size:
@@ -268,9 +298,10 @@ class TextActivations(pl.LightningDataModule):
             val_batches,
             int(seed),
         )
-        self.position = 0
+        self.normalize, self._act_scale = bool(normalize), None
         self._stores: dict[str, ActivationStore] = {}
         self._contexts: dict[str, Contexts] = {}
+        self._live: _Live | None = None
 
     # ------------------------------------------------------------------ contexts and keys
     def contexts(self, split: str) -> Contexts:
@@ -344,31 +375,41 @@ class TextActivations(pl.LightningDataModule):
         st = self.store(split)
         return torch.from_numpy(st.rows(np.arange(st.n_tokens), ["token_ids"])["token_ids"].astype(np.int64))
 
+    @property
+    def act_scale(self) -> float:
+        """s with E‖s·x‖² = d_in over the first `NORM_SAMPLE_ROWS` training rows; 1.0 unless `normalize`."""
+        if self._act_scale is None:
+            if not self.normalize:
+                self._act_scale = 1.0
+            elif self.cache:
+                store = self.store("train")
+                first = next(
+                    store.batches(min(store.n_tokens, NORM_SAMPLE_ROWS), self.seed, columns=["acts"])
+                )
+                self._act_scale = norm_scale(first["acts"], self.d_in)
+            else:
+                live = self.live()
+                self._act_scale = norm_scale(live.rows(0, 0, min(live.n, NORM_SAMPLE_ROWS))[0], self.d_in)
+        return self._act_scale
+
+    def live(self) -> _Live:
+        """The cache=False training source (contexts run through the host as training reads them)."""
+        if self._live is None:
+            self._live = _Live(self.host, self.train_contexts, self.batch_size, self.harvest_batch, self.seed)
+        return self._live
+
     # ------------------------------------------------------------------ Lightning hooks
-    def _start(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else self.position
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
     def train_dataloader(self) -> DataLoader:
-        self.position = self._start()
         if not self.cache:
-            return DataLoader(_Live(self, self.position), batch_size=None)
-        rank, world = self._rank()
+            live = self.live()
+            return self._train_loader(live, self.act_scale, group=live.m)
         store = self.store("train")
-        ds = CacheDataset(store.path, self.batch_size, self.seed, self.position, rank, world, epochs=None)
-        return DataLoader(ds, batch_size=None)
+
+        def stream(start: int, rank: int, world: int) -> CacheDataset:
+            return CacheDataset(store.path, self.batch_size, self.seed, start, rank, world, epochs=None)
+
+        return self._split_loader(stream, self.act_scale)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Ordered(self.store("val"), self.batch_size, self.val_batches), batch_size=None)
-
-    def state_dict(self) -> dict:
-        return {"position": self._start()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
+        val = _Ordered(self.store("val"), self.batch_size, self.val_batches, self.act_scale)
+        return DataLoader(val, batch_size=None)

@@ -36,16 +36,24 @@ class TailCoverage:
         edges: Sequence[float] = (0, 1, 10, 100, 1000, 10000),
         plot: bool = True,
     ) -> None:
-        self.rule = {
-            "min_recall": float(min_recall),
-            "min_purity": float(min_purity),
-            "min_count": int(min_count),
-        }
+        self.min_recall, self.min_purity, self.min_count = (
+            float(min_recall),
+            float(min_purity),
+            int(min_count),
+        )
         self.edges, self.plot = [float(e) for e in edges], bool(plot)
 
     def __call__(self, sae: SAELike, source: Any, out_dir: Path) -> EvalResult:
         counts = token_counts(source.token_ids("train"), len(source.host.tokenizer))
-        cov = sae_coverage(sae, source.val_dataloader(), counts, edges=self.edges, **self.rule).to_dict()
+        cov = sae_coverage(
+            sae,
+            source.val_dataloader(),
+            counts,
+            min_recall=self.min_recall,
+            min_purity=self.min_purity,
+            min_count=self.min_count,
+            edges=self.edges,
+        ).to_dict()
         metrics = {"coverage": cov["total_coverage"]}
         metrics |= {
             f"coverage/{b}": c

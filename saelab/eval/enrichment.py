@@ -74,7 +74,9 @@ class AnnotationEnrichment:
         counts = count_contingency(chunks, self.thresholds, source.label_names)
         enr = enrichment(counts)
         n_sig = enr.n_significant(self.alpha)  # [T, A]
-        rows, per_annotation, metrics = [], {}, {}
+        rows: list[list] = []
+        per_annotation: dict[str, dict] = {}
+        metrics: dict[str, float] = {}
         for a, name in enumerate(enr.names):
             top = enr.top(name, self.ti, self.top_k, self.alpha)
             best = top[0] if top else None
