@@ -69,10 +69,10 @@ def test_protein_recipe_end_to_end_tiny(tmp_path):
             "trainer.max_steps=30",
             "trainer.val_check_interval=15",
             "checkpoint.every_n_steps=15",
-            "protein.steering.n=4",
-            "protein.steering.length=30",
-            "protein.steering.rounds=3",
-            "protein.steering.strengths=[1.0]",
+            "recipe.steering.n=4",
+            "recipe.steering.length=30",
+            "recipe.steering.rounds=3",
+            "recipe.steering.strengths=[1.0]",
             "logger=csv",
             f"+run_dir={tmp_path / 'run'}",
         ]
@@ -88,13 +88,19 @@ def test_protein_recipe_end_to_end_tiny(tmp_path):
         "zinc_finger:C2H2-type",
     }
     m = saved["metrics"]
-    assert 0.0 <= m["fidelity/recovery"] <= 1.0 and m["fidelity/kl"] >= 0.0
+    assert 0.0 <= m["eval/recovery"] <= 1.0 and m["eval/kl"] >= 0.0
+    assert m["eval/explained_variance"] <= 1.0 and m["eval/n_tokens"] > 0 and len(saved["density"]) == 32
     assert m["train/steps"] == 30
     enr = saved["enrichment"]["annotations"]["transmembrane"]
     assert enr["residues"] == 24 * 19 and set(enr["n_significant"]) == {"0.01", "0.1", "1"}
+    assert m["eval/n_sig/transmembrane"] == enr["n_significant"]["0.1"]  # the headline τ
     for target in ("transmembrane", "zinc_finger"):
         st = saved["steering"][target]
         assert "steered" in st or "skipped" in st
+        if "steered" in st:
+            assert set(st["steered"]) == {"1"} and st["steered"]["1"]["n"] == 4
+            assert m[f"steering/{target}/success_rate/c=1"] == st["steered"]["1"]["success_rate"]
+    assert saved["host"]["act_scale"] == res["host"]["act_scale"] > 0
     for f in ("report.md", "density.png", "enrichment_heatmap.png", "sae/cfg.json"):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()

@@ -13,21 +13,30 @@ with c = 0 in clamp mode it is exactly the identity (f ≥ 0). Generation starts
 partly masked seed) sequence and, over R rounds, unmasks a random share of the masked positions,
 sampling each from softmax(logits / T) over the 20 amino acids.
 
+`steering_sweep` runs the whole experiment: the latents enriched for each target annotation, clamped at
+each strength c, against one unsteered baseline; `steering_table` / `steering_metrics` /
+`steering_plot` present it.
+
 Scores: the C2H2 zinc-finger motif C-x(2,4)-C-x(12)-H-x(3,5)-H (PROSITE PS00028's core), and a
 transmembrane segment: a 19-residue window of mean Kyte–Doolittle hydropathy ≥ 1.6 (Kyte & Doolittle 1982).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saelab.analysis.enrichment import EnrichmentResult
 from saelab.hosts.masked_lm import MaskedLMHost
+from saelab.types import SAELike
 
 C2H2 = re.compile(r"C.{2,4}C.{12}H.{3,5}H")
 KYTE_DOOLITTLE = {
@@ -60,7 +69,8 @@ def ch_fraction(seq: str) -> float:
 
 
 # target annotation → (success test, continuous score, what the score is)
-SCORERS: dict[str, tuple[Callable[[str], bool], Callable[[str], float], str]] = {
+Scorer = tuple[Callable[[str], bool], Callable[[str], float], str]
+SCORERS: dict[str, Scorer] = {
     "zinc_finger": (has_c2h2, ch_fraction, "C2H2 motif C-x(2,4)-C-x(12)-H-x(3,5)-H; score = C+H fraction"),
     "transmembrane": (
         has_tm_segment,
@@ -70,11 +80,12 @@ SCORERS: dict[str, tuple[Callable[[str], bool], Callable[[str], float], str]] = 
 }
 
 
-def scorer_for(annotation: str):
+def scorer_for(annotation: str, scorers: Mapping[str, Scorer] = SCORERS) -> Scorer:
+    """The scorer of an annotation; a sub-type ("zinc_finger:C2H2-type") uses its type's scorer."""
     base = annotation.split(":")[0]
-    if base not in SCORERS:
-        raise ValueError(f"no generation scorer for {annotation!r}; steering targets: {sorted(SCORERS)}.")
-    return SCORERS[base]
+    if base not in scorers:
+        raise ValueError(f"no generation scorer for {annotation!r}; steering targets: {sorted(scorers)}.")
+    return scorers[base]
 
 
 class LatentClamp:
@@ -191,9 +202,9 @@ def generate(
     return out
 
 
-def score_generations(sequences: Sequence[str], target: str) -> dict:
+def score_generations(sequences: Sequence[str], target: str, scorers: Mapping[str, Scorer] = SCORERS) -> dict:
     """Success count and mean continuous score of generated sequences for a target annotation."""
-    hit, score, what = scorer_for(target)
+    hit, score, what = scorer_for(target, scorers)
     hits = [bool(hit(s)) for s in sequences]
     scores = [float(score(s)) for s in sequences]
     return {
@@ -214,3 +225,162 @@ def compare(steered: dict, baseline: dict) -> float:
         [baseline["successes"], baseline["n"] - baseline["successes"]],
     ]
     return float(fisher_exact(table, alternative="greater").pvalue)
+
+
+# ---------------------------------------------------------------------- the steering sweep
+def steering_sweep(
+    host: MaskedLMHost,
+    sae: SAELike,
+    enrichment: EnrichmentResult,
+    max_activation: Float[Tensor, " d_sae"],
+    targets: Sequence[str],
+    strengths: Sequence[float],
+    *,
+    threshold_index: int,
+    alpha: float,
+    select: str,
+    min_support: int,
+    n_latents: int,
+    n: int,
+    length: int,
+    rounds: int,
+    mode: str = "clamp",
+    temperature: float = 1.0,
+    seed: int = 0,
+    seed_sequence: str | None = None,
+    act_scale: float = 1.0,
+    scorers: Mapping[str, Scorer] = SCORERS,
+) -> dict[str, dict]:
+    """Steer generation toward each target annotation with its enriched latents, at every strength.
+
+    The steering experiment of Villegas Garcia & Ansuini (arXiv:2502.09135), as a targets × strengths grid
+    against one unsteered baseline. For a target annotation a:
+
+      S_a = the first `n_latents` of `enrichment.ranked(a, threshold_index, alpha, by=select, min_support)`
+            (latents with BH q < alpha at τ = thresholds[threshold_index], active on ≥ `min_support`
+            annotated residues, best `select` ∈ {precision, f1} first);
+      for each strength c: `n` sequences from `generate` under `LatentClamp(sae, S_a, c·m_S, act_scale,
+            mode)`, m_j = `max_activation[j]` (the latent's largest activation on the data, SAE units);
+      baseline: `n` sequences from `generate` with no intervention, generated once for all targets.
+
+    Every condition uses the same `seed`, so in clamp mode c = 0 reproduces the baseline exactly. Each
+    condition is scored with the target's scorer (`score_generations`: successes, success_rate,
+    mean_score) and `p_vs_baseline`, the one-sided Fisher p that its success rate exceeds the baseline's.
+
+    Returns {target: entry}: `{"skipped": reason}` when a is not an annotation label, `{"skipped": reason,
+    "latents": []}` when no latent passes, else `{"latents", "max_activation", "baseline", "steered":
+    {f"{c:g}": score | {"p_vs_baseline", "examples"}}, "baseline_examples"}` (examples: first 3 sequences).
+    A target without a scorer raises ValueError before anything is generated.
+    """
+    for target in targets:
+        scorer_for(target, scorers)
+    gen: dict[str, Any] = dict(
+        n=n, length=length, rounds=rounds, temperature=temperature, seed=seed, seed_sequence=seed_sequence
+    )
+    out: dict[str, dict] = {}
+    baseline: list[str] | None = None
+    with inference_mode(sae):
+        for target in targets:
+            if target not in enrichment.names:
+                out[target] = {"skipped": f"{target} is not among the annotation labels"}
+                continue
+            latents = enrichment.ranked(target, int(threshold_index), alpha, select, int(min_support))
+            latents = latents[: int(n_latents)]
+            if not latents:
+                out[target] = {"skipped": f"no latent passes FDR {alpha} for {target}", "latents": []}
+                continue
+            if baseline is None:  # the unsteered generations are shared by every target
+                baseline = generate(host, intervention=None, **gen)
+            maxima = [float(max_activation[j]) for j in latents]
+            entry: dict[str, Any] = {
+                "latents": latents,
+                "max_activation": maxima,
+                "baseline": score_generations(baseline, target, scorers),
+                "steered": {},
+            }
+            for c in strengths:
+                clamp = LatentClamp(sae, latents, [float(c) * m for m in maxima], act_scale, mode)
+                seqs = generate(host, intervention=clamp, **gen)
+                sc = score_generations(seqs, target, scorers)
+                sc["p_vs_baseline"] = compare(sc, entry["baseline"])
+                sc["examples"] = seqs[:3]
+                entry["steered"][f"{float(c):g}"] = sc
+            entry["baseline_examples"] = baseline[:3]
+            out[target] = entry
+    return out
+
+
+@contextlib.contextmanager
+def inference_mode(sae) -> Iterator[None]:
+    """The SAE in eval mode (BatchTopK then uses its global threshold), its own mode restored afterwards."""
+    was_training = bool(getattr(sae, "training", False))
+    if was_training:
+        sae.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            sae.train()
+
+
+def steered(steering: Mapping[str, dict]) -> dict[str, dict]:
+    """The targets of a `steering_sweep` result that were steered (not skipped)."""
+    return {t: e for t, e in steering.items() if "steered" in e}
+
+
+def steering_metrics(steering: Mapping[str, dict]) -> dict[str, float]:
+    """`<target>/success_rate/c=<c>` for every strength and `<target>/success_rate/baseline`."""
+    out = {}
+    for target, e in steered(steering).items():
+        for c, sc in e["steered"].items():
+            out[f"{target}/success_rate/c={c}"] = sc["success_rate"]
+        out[f"{target}/success_rate/baseline"] = e["baseline"]["success_rate"]
+    return out
+
+
+def steering_table(steering: Mapping[str, dict]) -> tuple[list[str], list[list]]:
+    """(headers, rows): one row per target × strength (hits and mean score, steered vs unsteered, Fisher p);
+    skipped targets get one row with the reason."""
+    rows = []
+    for target, e in steering.items():
+        if "steered" not in e:
+            rows.append([target, "-", "-", "-", "-", e.get("skipped", "")])
+            continue
+        b = e["baseline"]
+        for c, sc in e["steered"].items():
+            rows.append(
+                [
+                    target,
+                    ",".join(map(str, e["latents"])),
+                    c,
+                    f"{sc['successes']}/{sc['n']} ({sc['mean_score']:.3g})",
+                    f"{b['successes']}/{b['n']} ({b['mean_score']:.3g})",
+                    f"{sc['p_vs_baseline']:.3g}",
+                ]
+            )
+    headers = ["target", "latents", "clamp c", "steered hits (score)", "unsteered hits (score)", "Fisher p"]
+    return headers, rows
+
+
+def steering_criteria(targets: Sequence[str], scorers: Mapping[str, Scorer] = SCORERS) -> str:
+    """What counts as a hit for each target ("target: criterion; ..."), or "-"."""
+    out = []
+    for target in targets:
+        try:
+            out.append(f"{target}: {scorer_for(target, scorers)[2]}")
+        except ValueError:
+            continue
+    return "; ".join(out) if out else "-"
+
+
+def steering_plot(steering: Mapping[str, dict], path: Path) -> Path | None:
+    """Grouped bars of success rate per steered target: unsteered and each strength (None: nothing steered)."""
+    done = steered(steering)
+    if not done:
+        return None
+    from saelab.analysis import plots
+
+    series = {"unsteered": [e["baseline"]["success_rate"] for e in done.values()]}
+    for c in next(iter(done.values()))["steered"]:
+        series[f"c={c}"] = [e["steered"][c]["success_rate"] for e in done.values()]
+    return plots.bars(list(done), series, Path(path), "success rate", "Steered vs unsteered generation")
