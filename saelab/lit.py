@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from saelab.eval.metrics import L0, DeadFraction, ExplainedVariance
 from saelab.objectives import Objective
+from saelab.sae import SAE, ResidualSAE
 from saelab.types import SAEOutput, TrainState
 
 
@@ -57,7 +58,7 @@ class LitSAE(pl.LightningModule):
     """Trains `sae` on `objective`.
 
     Args:
-        sae: the SAE module (any of `saelab.sae`).
+        sae: the SAE module (`saelab.sae.SAE` or `ResidualSAE`).
         objective: the `Objective` (named loss terms).
         optimizer: a partial optimiser constructor, called with the trainable parameters.
         scheduler: optional partial LR scheduler constructor, called with the optimiser (stepped per step).
@@ -66,9 +67,12 @@ class LitSAE(pl.LightningModule):
         log_every: log training scalars every n steps.
     """
 
+    sae: SAE | ResidualSAE
+    tokens_since_fired: Tensor  # long buffer [d_sae]
+
     def __init__(
         self,
-        sae: nn.Module,
+        sae: SAE | ResidualSAE,
         objective: Objective,
         optimizer: Callable,
         scheduler: Callable | None = None,

@@ -223,23 +223,3 @@ def summary_table(
 ) -> Table:
     """A table with one row per entry of `rows` ({row name: {column: value}}), missing cells blank."""
     return Table([first, *columns], [[name, *[r.get(c, "") for c in columns]] for name, r in rows.items()])
-
-
-# ---------------------------------------------------------------------- transitional (recipes not yet ported)
-def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    return markdown_table(headers, rows)
-
-
-def write_results(run_dir: Path, results: dict) -> Path:
-    path = Path(run_dir) / "results.json"
-    atomic_write_json(path, clean(results))
-    return path
-
-
-def write_report(run_dir: Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
-    body = [f"# {title}", ""]
-    for heading, text in sections:
-        body += [f"## {heading}", "", text.strip(), ""]
-    path = Path(run_dir) / "report.md"
-    atomic_write_text(path, "\n".join(body))
-    return path

@@ -16,18 +16,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.eval.base import EvalResult, Evaluator, evaluate
 from saelab.files import atomic_write_bytes
 from saelab.report import Report
-from saelab.train import fit, log_summary, make_logger, wandb_scope
+from saelab.train import fit, log_summary, make_logger, plain, wandb_scope
+
+HostModule = TypeVar("HostModule", bound=pl.LightningModule)  # host_stage returns the type it is given
 
 
 @dataclass
@@ -142,13 +144,13 @@ def host_stage(
     cfg: DictConfig,
     run_dir: Path,
     name: str,
-    module: pl.LightningModule,
+    module: HostModule,
     datamodule: pl.LightningDataModule,
     key: dict,
     monitor: str | None = None,
     mode: str = "max",
     **trainer_kwargs: Any,
-) -> tuple[pl.LightningModule, dict[str, Any]]:
+) -> tuple[HostModule, dict[str, Any]]:
     """Train a host model saelab trains itself (e.g. SASRec), or load it from `<run>/host/<name>.pt`.
 
     The cache holds `key` (what determines the model: hyper-parameters, corpus fingerprint, fit settings)
@@ -177,7 +179,7 @@ def host_stage(
             devices=1,
             default_root_dir=str(run_dir),
             logger=logger if logger is not None else False,
-            callbacks=[best, ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))],
+            callbacks=[best, ConfigInCheckpoint(plain(cfg))],
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False,
             num_sanity_val_steps=0,

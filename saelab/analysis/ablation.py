@@ -57,12 +57,13 @@ def ablate_latent(
         raise ValueError(f"ablation mode must be 'zero' or 'boost', got {mode!r}.")
     if mode == "boost" and value is None:
         raise ValueError("boost ablation needs a value (e.g. the latent's typical activation).")
+    floor = 0.0 if value is None else float(value)  # the boost's z'_j = max(z_j, value); unused by "zero"
     if not 0 <= latent < sae.d_sae:
         raise ValueError(f"latent {latent} is out of range 0..{sae.d_sae - 1}.")
     reps = reps.to(sae.W_dec.dtype)
     z = sae.encode(reps)  # (n, d_sae)
     z2 = z.clone()
-    z2[:, latent] = 0.0 if mode == "zero" else z[:, latent].clamp_min(float(value))
+    z2[:, latent] = 0.0 if mode == "zero" else z[:, latent].clamp_min(floor)
     base = reps if keep_error else sae.decode(z)
     # D(z') − D(z) only differs in latent j: (z'_j − z_j)·W_dec[j], exactly 0 where nothing changed
     moved = base + (z2[:, latent] - z[:, latent])[:, None] * sae.W_dec[latent][None]

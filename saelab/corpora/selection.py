@@ -34,13 +34,16 @@ embeds only a few documents per second at 256 tokens, so the cache is what makes
 API: `SentenceEmbedder(model_dir=None, max_length=256, batch_size=32)` (`.encode(texts)`),
 `select_dense(seed, pool, budget, ...)`, `select_bm25(seed, pool, budget, ...)`,
 `select_corpus(seed, pool, method, budget, aggregate, out_path, ...)` (the Hydra `_target_`),
-`bm25_scores(queries, docs)`, `retrieval_metrics(selected_ids, relevant_ids)`.
+`bm25_scores(queries, docs)`, `retrieval_metrics(selected_ids, relevant_ids)`, and for studies that compare
+methods: `select_methods(seed, pool, methods, budget, ...)` (every method on the same seed and pool, with
+`selection_stats` for each), `selection_stats(selected, relevant_ids)`, `source_of(doc_id)`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +261,92 @@ def retrieval_metrics(selected_ids: Sequence[str], relevant_ids: Sequence[str]) 
         "precision": hit / len(sel) if sel else 0.0,
         "recall": hit / len(rel) if rel else 0.0,
     }
+
+
+# ------------------------------------------------------------------------------------- comparing methods
+
+
+def source_of(doc_id: str) -> str:
+    """The source of an offline corpus document, read from its id (`saelab.corpora.text` names them).
+
+    Ids are `<source>:<key>` (`boolq:…`, `news:…`, `xsum:…`, `pubmedqa:…`, `enwiki:<title>#<k>`), except
+    newsgroup posts, `newsgroup:<group>/<file>`, whose source is the group (`sci.space`, `alt.atheism`).
+    A Corpus records per-source counts in its provenance but not each document's source, so the id is the
+    one place a selected document's source can be read. An id without a prefix is its own source.
+    """
+    src, sep, rest = doc_id.partition(":")
+    if not sep:
+        return doc_id
+    return rest.split("/", 1)[0] if src == "newsgroup" else src
+
+
+def selection_stats(selected: Corpus, relevant_ids: Collection[str] = ()) -> dict:
+    """Size, source mix and retrieval quality of one selection.
+
+    Returns {n_docs, n_words, hidden_domain_docs_in_pool, precision_hidden, recall_hidden, sources}, with
+    precision = |S ∩ R| / |S| and recall = |S ∩ R| / |R| for the selection S and the known-relevant
+    documents R (`retrieval_metrics`; in the SSAE study R is the domain documents hidden in the pool, so
+    pass only those that are in the pool), and `sources` the count of `source_of` over S, largest first
+    (ties in first-seen order).
+    """
+    counts: dict[str, int] = {}
+    for i in selected.ids:
+        counts[source_of(i)] = counts.get(source_of(i), 0) + 1
+    rm = retrieval_metrics(selected.ids, sorted(relevant_ids))
+    return {
+        "n_docs": len(selected),
+        "n_words": selected.n_words,
+        "hidden_domain_docs_in_pool": rm["n_relevant"],
+        "precision_hidden": rm["precision"],
+        "recall_hidden": rm["recall"],
+        "sources": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def select_methods(
+    seed: Corpus,
+    pool: Corpus,
+    methods: Sequence[str] = ("dense", "bm25"),
+    budget: int = 1000,
+    aggregate: str = "round_robin",
+    relevant_ids: Collection[str] = (),
+    pool_max_docs: int | None = None,
+    out_dir: str | Path | None = None,
+    max_length: int = 256,
+    batch_size: int = 32,
+    embedder: SentenceEmbedder | None = None,
+) -> tuple[dict[str, Corpus], dict]:
+    """Run every selection method on the same seed set and pool, and measure each (`selection_stats`).
+
+    The pool is the first `pool_max_docs` documents of `pool` (None: all; offline corpora are in a stable
+    hash order, so this is a uniform sample). Recall counts only the `relevant_ids` that are in the pool.
+    With `out_dir`, each selection is saved as `<out_dir>/<method>.json`. `max_length`, `batch_size` and
+    `embedder` are dense retrieval's (`select_dense`).
+
+    Returns ({method: selected Corpus}, stats) with stats = {seed_docs, pool_docs, <method>: {...,
+    seconds}, seconds}.
+    """
+    if not methods:
+        raise ValueError("select_methods needs at least one method ('dense' or 'bm25').")
+    t0 = time.perf_counter()
+    if pool_max_docs is not None:
+        pool = pool.subset(range(min(len(pool), int(pool_max_docs))))
+    relevant = set(relevant_ids) & set(pool.ids)
+    stats: dict = {"seed_docs": len(seed), "pool_docs": len(pool)}
+    chosen: dict[str, Corpus] = {}
+    for method in methods:
+        t = time.perf_counter()
+        if method == "dense":
+            sel = select_dense(
+                seed, pool, budget, aggregate, embedder, max_length=max_length, batch_size=batch_size
+            )
+        elif method == "bm25":
+            sel = select_bm25(seed, pool, budget, aggregate)
+        else:
+            raise ValueError(f"selection method must be 'dense' or 'bm25', got {method!r}.")
+        chosen[method] = sel
+        stats[method] = {**selection_stats(sel, relevant), "seconds": time.perf_counter() - t}
+        if out_dir is not None:
+            sel.save(Path(out_dir) / f"{method}.json")
+    stats["seconds"] = time.perf_counter() - t0
+    return chosen, stats

@@ -513,6 +513,9 @@ class ActivationCache:
         unavailable, the map is closed instead and reopened on next use.
         """
         mm = arr.base if isinstance(arr.base, mmap.mmap) else getattr(arr, "_mmap", None)
+        if mm is None:  # not backed by a map we can reach
+            self._maps.pop((i, column), None)
+            return
         try:
             mm.madvise(mmap.MADV_DONTNEED)
         except (AttributeError, OSError, ValueError):

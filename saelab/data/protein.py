@@ -36,7 +36,7 @@ from saelab.corpora.swissprot import (
     parse_swissprot,
 )
 from saelab.data.cache import build_cache
-from saelab.data.stream import Shuffled, StreamPosition, norm_scale, scaled
+from saelab.data.stream import Batches, Shuffled, StreamPosition, norm_scale, scaled
 from saelab.hosts.masked_lm import MaskedLMHost
 
 
@@ -210,4 +210,4 @@ class ProteinDataModule(StreamPosition, pl.LightningDataModule):
         v = self._raw[self.is_val]
         bs = self.batch_size
         batches = [scaled({"acts": v[i : i + bs]}, self.act_scale) for i in range(0, len(v), bs)]
-        return DataLoader(batches, batch_size=None)
+        return DataLoader(Batches(batches), batch_size=None)

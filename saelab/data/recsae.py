@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from saelab.corpora.movielens import Interactions, exclusion_mask, pad_left
-from saelab.data.stream import Shuffled, StreamPosition, norm_scale, scaled
+from saelab.data.stream import Batches, Shuffled, StreamPosition, norm_scale, scaled
 
 
 def history_windows(
@@ -165,6 +165,8 @@ class RecSAEDataModule(StreamPosition, pl.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        if self.train is None:
+            raise RuntimeError("RecSAEDataModule.setup() did not build the training table.")
         return self._train_loader(Shuffled(self.train, self.batch_size, self.seed), self.act_scale)
 
     def val_dataloader(self) -> DataLoader:
@@ -174,4 +176,4 @@ class RecSAEDataModule(StreamPosition, pl.LightningDataModule):
             scaled({"acts": t["acts"][i : i + bs], "window": t["window"][i : i + bs]}, self.act_scale)
             for i in range(0, len(t["acts"]), bs)
         ]
-        return DataLoader(batches, batch_size=None)
+        return DataLoader(Batches(batches), batch_size=None)

@@ -27,16 +27,17 @@ when all rows have the same norm.) The stream multiplies "acts" by s; s = 1.0 wh
 
 `StreamPosition` is the bookkeeping every datamodule shares: the resume position, the rank and world
 size of the attached trainer, `state_dict` / `load_state_dict`, and the train loader over a source.
+`Batches` serves a validation set of ready batches held in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 Batch = dict[str, Tensor]
 
@@ -81,6 +82,8 @@ class Shuffled:
         seed: seeds every epoch's permutation.
     """
 
+    _perm: Int[Tensor, " n"] | None  # the row order of epoch `_epoch` (None before the first batch)
+
     def __init__(self, table: Mapping[str, Tensor], batch_size: int, seed: int = 0) -> None:
         if "acts" not in table:
             raise ValueError(f"a training table needs an 'acts' column; it has {sorted(table)}.")
@@ -95,10 +98,29 @@ class Shuffled:
 
     def __call__(self, g: int) -> Batch:
         epoch, i = divmod(g, self.batches_per_epoch)
-        if epoch != self._epoch:  # one permutation per epoch, kept while the stream is inside it
-            self._epoch, self._perm = epoch, epoch_permutation(self.n, self.seed, epoch)
-        idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+        perm = self._perm
+        if perm is None or epoch != self._epoch:  # one permutation per epoch, kept while the stream is in it
+            perm = epoch_permutation(self.n, self.seed, epoch)
+            self._epoch, self._perm = epoch, perm
+        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
         return {k: v[idx] for k, v in self.table.items()}
+
+
+class Batches(Dataset[Batch]):
+    """Ready batches held in memory (validation sets), for `DataLoader(Batches(batches), batch_size=None)`.
+
+    A map-style dataset over the list: the loader yields batches[0], batches[1], ... in order, exactly
+    as it would from the list itself.
+    """
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.batches[i]
 
 
 class BatchStream(IterableDataset):

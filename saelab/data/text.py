@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from saelab.data.cache import CacheDataset, build_cache
+from saelab.data.cache import ActivationCache, CacheDataset, build_cache
 from saelab.data.stream import NORM_SAMPLE_ROWS, StreamPosition, epoch_permutation, norm_scale, scaled
 
 PACKING_VERSION = 1
@@ -192,6 +192,11 @@ class _Live:
     `group=m` each window is harvested once, by the one rank that trains on its m batches.
     """
 
+    _order: Int[Tensor, " n_contexts"] | None  # epoch `_epoch`'s context order π_e
+    _cum: Int[Tensor, " n_contexts_plus_1"] | None  # cumulative SAE positions of the contexts in that order
+    _key: tuple[int, int] | None  # (epoch, window) held in `_window`
+    _window: tuple[Tensor, Tensor, Tensor] | None  # that window's (acts, token_ids, row permutation)
+
     def __init__(self, host, contexts: Contexts, batch_size: int, harvest_batch: int, seed: int) -> None:
         self.host, self.contexts, self.batch_size = host, contexts, int(batch_size)
         self.harvest_batch, self.seed = max(1, int(harvest_batch)), int(seed)
@@ -210,34 +215,39 @@ class _Live:
         self._epoch, self._order, self._cum = -1, None, None
         self._key, self._window = None, None
 
-    def _epoch_layout(self, epoch: int) -> None:
-        if epoch != self._epoch:
-            self._order = epoch_permutation(len(self.contexts), self.seed, epoch)
-            self._cum = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths[self._order].cumsum(0)])
-            self._epoch = epoch
+    def _epoch_layout(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """(π_e, cumulative SAE positions) of epoch `epoch`, kept while the stream is inside it."""
+        order, cum = self._order, self._cum
+        if order is None or cum is None or epoch != self._epoch:
+            order = epoch_permutation(len(self.contexts), self.seed, epoch)
+            cum = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths[order].cumsum(0)])
+            self._epoch, self._order, self._cum = epoch, order, cum
+        return order, cum
 
     def rows(self, epoch: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """(acts, token_ids) of rows [start, stop) of epoch `epoch`'s row sequence (runs the host)."""
-        self._epoch_layout(epoch)
-        k0 = int(torch.searchsorted(self._cum, start, right=True)) - 1
-        k1 = int(torch.searchsorted(self._cum, stop, right=False))
-        sel = self._order[k0:k1]
+        order, cum = self._epoch_layout(epoch)
+        k0 = int(torch.searchsorted(cum, start, right=True)) - 1
+        k1 = int(torch.searchsorted(cum, stop, right=False))
+        sel = order[k0:k1]
         c = Contexts(
             self.contexts.input_ids[sel], self.contexts.attention_mask[sel], self.contexts.sae_mask[sel]
         )
         acts, ids = zip(*harvest(self.host, c, self.harvest_batch, progress=False), strict=True)
-        off = start - int(self._cum[k0])
+        off = start - int(cum[k0])
         return torch.cat(acts)[off : off + stop - start], torch.cat(ids)[off : off + stop - start]
 
     def __call__(self, g: int) -> dict[str, Tensor]:
         gw, j = divmod(g, self.m)
         epoch, w = divmod(gw, self.n_windows)
-        if self._key != (epoch, w):
+        window = self._window
+        if window is None or self._key != (epoch, w):
             acts, ids = self.rows(epoch, w * self.window_rows, (w + 1) * self.window_rows)
             seed = ((self.seed * 1_000_003 + epoch) * 2_654_435_761 + w) % (2**63 - 1)
             perm = torch.randperm(self.window_rows, generator=torch.Generator().manual_seed(seed))
-            self._key, self._window = (epoch, w), (acts, ids, perm)
-        acts, ids, perm = self._window
+            window = (acts, ids, perm)
+            self._key, self._window = (epoch, w), window
+        acts, ids, perm = window
         r = perm[j * self.batch_size : (j + 1) * self.batch_size]
         return {"acts": acts[r], "token_ids": ids[r]}
 
@@ -298,8 +308,9 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
             val_batches,
             int(seed),
         )
-        self.normalize, self._act_scale = bool(normalize), None
-        self._stores: dict[str, ActivationStore] = {}
+        self.normalize = bool(normalize)
+        self._act_scale: float | None = None  # fit on first use (`act_scale`)
+        self._stores: dict[str, ActivationCache | ActivationStore] = {}
         self._contexts: dict[str, Contexts] = {}
         self._live: _Live | None = None
 
@@ -336,7 +347,7 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
             "packing": PACKING_VERSION,
         }
 
-    def store(self, split: str):
+    def store(self, split: str) -> ActivationCache | ActivationStore:
         """The harvested activations of a split: an `ActivationCache` (cache=True) or an in-memory store.
 
         The host runs only on a cache miss; a cache hit never loads the model.
@@ -348,6 +359,7 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
             def producer():
                 return harvest(self.host, self.contexts(split), self.harvest_batch, desc)
 
+            store: ActivationCache | ActivationStore
             if self.cache:
                 from saelab.assets import cache_dir
 
@@ -370,6 +382,13 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
             self._stores[split] = store
         return self._stores[split]
 
+    def _cached(self, split: str) -> ActivationCache:
+        """The activation cache of a split (cache=True only: with cache=False nothing is cached)."""
+        store = self.store(split)
+        if not isinstance(store, ActivationCache):
+            raise TypeError(f"data.cache=false: the {split} activations are held in memory, not cached.")
+        return store
+
     def token_ids(self, split: str) -> Int[Tensor, " n"]:
         """Token id of every harvested activation row of a split (in storage order)."""
         st = self.store(split)
@@ -378,19 +397,21 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
     @property
     def act_scale(self) -> float:
         """s with E‖s·x‖² = d_in over the first `NORM_SAMPLE_ROWS` training rows; 1.0 unless `normalize`."""
-        if self._act_scale is None:
+        s = self._act_scale
+        if s is None:
             if not self.normalize:
-                self._act_scale = 1.0
+                s = 1.0
             elif self.cache:
-                store = self.store("train")
+                store = self._cached("train")
                 first = next(
                     store.batches(min(store.n_tokens, NORM_SAMPLE_ROWS), self.seed, columns=["acts"])
                 )
-                self._act_scale = norm_scale(first["acts"], self.d_in)
+                s = norm_scale(first["acts"], self.d_in)
             else:
                 live = self.live()
-                self._act_scale = norm_scale(live.rows(0, 0, min(live.n, NORM_SAMPLE_ROWS))[0], self.d_in)
-        return self._act_scale
+                s = norm_scale(live.rows(0, 0, min(live.n, NORM_SAMPLE_ROWS))[0], self.d_in)
+            self._act_scale = s
+        return s
 
     def live(self) -> _Live:
         """The cache=False training source (contexts run through the host as training reads them)."""
@@ -403,7 +424,7 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
         if not self.cache:
             live = self.live()
             return self._train_loader(live, self.act_scale, group=live.m)
-        store = self.store("train")
+        store = self._cached("train")
 
         def stream(start: int, rank: int, world: int) -> CacheDataset:
             return CacheDataset(store.path, self.batch_size, self.seed, start, rank, world, epochs=None)

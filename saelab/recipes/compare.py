@@ -36,12 +36,14 @@ def run(cfg: DictConfig) -> dict:
     variants: dict[str, dict] = {}
     for name, overrides in rc.variants.items():
         stage = train_stage(variant_cfg(cfg, list(overrides)), run_dir, name)
-        if not stage.is_global_zero:
-            return {}
+        if not stage.is_global_zero:  # under DDP every rank trains every variant; only rank 0 reports
+            continue
         variants[name] = {**stage.eval.metrics, "train_seconds": stage.seconds}
         report.add_metrics(stage.metrics, prefix=f"{name}/").add_eval(
             stage.eval, f"{name}/", metrics=False, tables=False, figures=False
         )
+    if not variants:
+        return {}
     report.add_table("Results", summary_table(variants, list(rc.columns), "variant"), terminal=True)
     fig = plots.bars(
         list(rc.plot),

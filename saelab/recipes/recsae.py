@@ -15,15 +15,16 @@ import time
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from saelab.analysis.ablation import ablate_concept_latents
 from saelab.analysis.concepts import concept_latents
 from saelab.corpora.movielens import NextItemDataModule
 from saelab.eval.base import Table
+from saelab.hosts.sasrec import SASRec
 from saelab.report import Report
 from saelab.stage import finish, host_stage, train_stage
-from saelab.train import run_dir_of
+from saelab.train import plain, run_dir_of
 
 
 def run(cfg: DictConfig) -> dict:
@@ -44,8 +45,10 @@ def _run(cfg: DictConfig) -> dict:
         raise ValueError("the recsae recipe reports ranking fidelity: add `ranking` to eval/metrics.")
     corpus = instantiate(cfg.data.corpus)
     host = instantiate(cfg.data.host, _convert_="all")(n_items=corpus.n_items)
-    fit = OmegaConf.to_container(rc.sasrec_fit, resolve=True)
-    hparams = {k: v for k, v in OmegaConf.to_container(cfg.data.host, resolve=True).items() if k[0] != "_"}
+    if not isinstance(host, SASRec):
+        raise TypeError(f"the recsae recipe trains a SASRec host (data.host), got {type(host).__name__}.")
+    fit = plain(rc.sasrec_fit)
+    hparams = {k: v for k, v in plain(cfg.data.host).items() if k[0] != "_"}
     host, host_info = host_stage(
         cfg, run_dir, "sasrec", host, NextItemDataModule(corpus, host.max_len, fit["batch_size"], cfg.seed),
         key={"hparams": hparams, "corpus": corpus.fingerprint, "fit": fit},

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_protein_host import make_tiny_esm
-from test_recsae_recipe import write_dataset
+from support import make_tiny_esm, save_tiny_causal_lm, write_movielens
 
-from saelab.hosts.causal_lm import save_tiny_causal_lm
 from saelab.sae.model import geometric_median
+
+pytestmark = pytest.mark.slow  # two gloo processes train every source
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SOURCES = ("synthetic", "protein", "recsae", "text_live", "text_cached")
@@ -63,7 +63,7 @@ def _free_port() -> int:
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     (root / "movielens").mkdir()
-    write_dataset(root / "movielens")
+    write_movielens(root / "movielens")
     assets = {
         "esm": str(make_tiny_esm(root / "esm")),
         "swissprot": str(_swissprot(root / "entries.dat")),

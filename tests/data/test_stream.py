@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from support import save_tiny_causal_lm
 
 from saelab.data.stream import BatchStream, Shuffled, global_batch, norm_scale
 from saelab.data.synthetic import SyntheticDataModule
@@ -154,7 +155,7 @@ TEXTS = [
 @pytest.mark.parametrize("cache", [True, False])
 def test_text_normalize_scales_train_and_val(tmp_path, cache):
     from saelab.data.text import TextActivations
-    from saelab.hosts.causal_lm import CausalLMHost, save_tiny_causal_lm
+    from saelab.hosts.causal_lm import CausalLMHost
 
     path = save_tiny_causal_lm(tmp_path / "llama", "llama", n_layers=2, hidden=32)
 

@@ -1,12 +1,9 @@
-"""The compare recipe (BatchTopK vs OrtSAE vs Matryoshka) and the ground-truth absorption metric."""
+"""Ground-truth feature absorption (`saelab.analysis.absorption`) on hand-built codes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from test_train import saelab
 
 from saelab.analysis.absorption import synthetic_absorption
 
@@ -28,19 +25,3 @@ def test_absorption_by_construction():
     assert synthetic_absorption(half, coeffs, W_dec, directions, parent_of)["absorption"] == pytest.approx(
         0.5
     )
-
-
-def test_compare_recipe_tiny(tmp_path):
-    saelab(
-        "+experiment=compare_synthetic",
-        "logger=none",
-        "trainer.max_steps=30",
-        "data.batch_size=256",
-        "sae.d_sae=128",
-        run_dir=tmp_path,
-    )
-    res = json.loads((tmp_path / "results.json").read_text())["variants"]
-    assert set(res) == {"batchtopk", "ortsae", "matryoshka"}
-    for v in res.values():
-        assert 0 <= v["absorption"] <= 1 and v["l0"] > 0
-    assert (tmp_path / "compare.png").exists() and (tmp_path / "ortsae" / "sae" / "cfg.json").exists()

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from support import save_tiny_causal_lm
 
 from saelab.data.text import TextActivations, pack
-from saelab.hosts.causal_lm import CausalLMHost, save_tiny_causal_lm
+from saelab.hosts.causal_lm import CausalLMHost
 
 TEXTS = [
     "The electron is a subatomic particle with a negative electric charge.",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support import make_tiny_esm
 
 from saelab.analysis.protein_steering import (
     LatentClamp,
@@ -18,36 +17,6 @@ from saelab.analysis.protein_steering import (
 from saelab.eval.protein_fidelity import protein_fidelity
 from saelab.hosts.masked_lm import load_masked_lm
 from saelab.sae import SAE, TopK
-
-# the ESM-2 vocabulary (facebook/esm2_t6_8M_UR50D vocab.txt), in id order
-ESM_VOCAB = (
-    "<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>".split()
-)
-
-
-def make_tiny_esm(path: Path, hidden: int = 16, layers: int = 3, seed: int = 0) -> Path:
-    """Save a randomly initialised EsmForMaskedLM with the real ESM tokenizer to `path`."""
-    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(ESM_VOCAB) + "\n")
-    tok = EsmTokenizer(vocab_file=str(path / "vocab.txt"))
-    torch.manual_seed(seed)
-    cfg = EsmConfig(
-        vocab_size=len(ESM_VOCAB),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=130,
-        pad_token_id=1,
-        mask_token_id=32,
-        position_embedding_type="rotary",
-        token_dropout=True,
-    )
-    EsmForMaskedLM(cfg).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_protein_host import make_tiny_esm
-from test_protein_recipe import _flatfile
+from support import make_tiny_esm, swissprot_flatfile
 
 from saelab.data.cache import ActivationCache, cache_key
 from saelab.data.protein import ProteinDataModule
@@ -15,7 +14,7 @@ from saelab.hosts.masked_lm import load_masked_lm
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     d = tmp_path_factory.mktemp("pd")
-    return load_masked_lm(str(make_tiny_esm(d / "esm")), hook=1), _flatfile(d / "e.dat")
+    return load_masked_lm(str(make_tiny_esm(d / "esm")), hook=1), swissprot_flatfile(d / "e.dat")
 
 
 def _dm(parts, **kw):

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import save_tiny_causal_lm
 from torch import nn
 
 from saelab.analysis.coverage import captured_types, coverage_by_frequency, sae_coverage, token_counts
 from saelab.eval.spliced import ce_loss_score, kl_score, spliced_metrics
-from saelab.hosts.causal_lm import CausalLMHost, save_tiny_causal_lm
+from saelab.hosts.causal_lm import CausalLMHost
 from saelab.types import SAEOutput
 
 

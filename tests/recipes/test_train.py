@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import ENV, ROOT, run_cli
 
 from saelab.io import load_sae
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+pytestmark = pytest.mark.slow  # every test here runs `python -m saelab` in a subprocess
+
 SMALL = [
     "data.d_in=32",
     "data.n_features=128",
@@ -28,16 +28,8 @@ SMALL = [
 ]
 
 
-def saelab(*args: str, run_dir: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "saelab", *args, f"+run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
 def test_topk_on_synthetic_recovers_features_and_exports(tmp_path):
-    p = saelab("sae=topk", "data=synthetic", "logger=csv", run_dir=tmp_path)  # the README's default command
+    p = run_cli("sae=topk", "data=synthetic", "logger=csv", run_dir=tmp_path)  # the README's default command
     assert "eval/feature_recovery" in p.stdout
     # Lightning's product tip and its internal pytree deprecation are filtered out of every fit
     assert "litlogger" not in p.stdout + p.stderr and "LeafSpec" not in p.stdout + p.stderr
@@ -75,7 +67,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
         "checkpoint.every_n_steps=40",
         "trainer.val_check_interval=80",
     ]
-    saelab(*args, run_dir=tmp_path / "full")
+    run_cli(*args, run_dir=tmp_path / "full")
     reference = _final_weights(tmp_path / "full")
 
     run = tmp_path / "killed"
@@ -92,14 +84,16 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert not (run / "sae").exists(), "the run finished before it could be killed; make it longer"
     step = torch.load(last, weights_only=False)["global_step"]
     assert 0 < step < 240
-    saelab(*args, "resume=auto", run_dir=run)
+    run_cli(*args, "resume=auto", run_dir=run)
     resumed = _final_weights(run)
     for name, ref in reference.items():
         assert torch.equal(resumed[name], ref), f"{name} differs after resuming from step {step}"
 
 
 def test_nan_loss_stops_with_one_message_and_writes_nothing(tmp_path):
-    p = saelab(*SMALL, "data.noise=nan", "logger=none", "trainer.max_steps=50", run_dir=tmp_path, check=False)
+    p = run_cli(
+        *SMALL, "data.noise=nan", "logger=none", "trainer.max_steps=50", run_dir=tmp_path, check=False
+    )
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert any("NonFiniteLossError: loss/mse is nan" in line and "lower optim.lr" in line for line in err), (
@@ -110,21 +104,21 @@ def test_nan_loss_stops_with_one_message_and_writes_nothing(tmp_path):
 
 
 def test_shape_mismatch_and_missing_d_in(tmp_path):
-    p = saelab(*SMALL, "sae.d_in=16", "logger=none", run_dir=tmp_path, check=False)
+    p = run_cli(*SMALL, "sae.d_in=16", "logger=none", run_dir=tmp_path, check=False)
     assert p.returncode == 2 and "width d_in=16" in p.stderr and "Traceback" not in p.stderr
-    p = saelab("data.d_in=null", "logger=none", run_dir=tmp_path, check=False)
+    p = run_cli("data.d_in=null", "logger=none", run_dir=tmp_path, check=False)
     assert p.returncode == 2 and "set data.d_in" in p.stderr
 
 
 def test_unknown_option_is_named(tmp_path):
-    p = saelab("sae.bogus_option=1", run_dir=tmp_path, check=False)
+    p = run_cli("sae.bogus_option=1", run_dir=tmp_path, check=False)
     assert p.returncode != 0 and "bogus_option" in p.stderr
-    p = saelab("sae=nonexistent", run_dir=tmp_path, check=False)
+    p = run_cli("sae=nonexistent", run_dir=tmp_path, check=False)
     assert p.returncode != 0 and "Available options" in p.stderr and "topk" in p.stderr
 
 
 def test_wandb_offline_run_per_job(tmp_path):
-    saelab(*SMALL, "logger=wandb_offline", "trainer.max_steps=20", "name=wb", run_dir=tmp_path)
+    run_cli(*SMALL, "logger=wandb_offline", "trainer.max_steps=20", "name=wb", run_dir=tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}
@@ -134,7 +128,7 @@ def test_wandb_offline_run_per_job(tmp_path):
 @pytest.mark.parametrize("sae", ["relu", "jumprelu"])
 def test_dense_variants_train(tmp_path, sae):
     terms = "[mse,l1]" if sae == "relu" else "[mse,l0]"
-    saelab(
+    run_cli(
         *SMALL[:4],
         f"sae={sae}",
         f"objective/terms={terms}",
@@ -147,7 +141,7 @@ def test_dense_variants_train(tmp_path, sae):
 
 
 def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
-    p = saelab(
+    p = run_cli(
         *SMALL,
         "trainer=ddp",
         "trainer.accelerator=cpu",

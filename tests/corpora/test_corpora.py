@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from saelab.corpora.text import CORPORA, Corpus, load_corpus, load_hf_corpus, split_of, strip_wiki_markup
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "data" / "corpus"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "corpus"
 
 
 def _expected_split(doc_id: str, test_frac: float = 0.2, seed: int = 0) -> str:

@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_cfg
+from support import write_movielens
 
 from saelab.corpora.movielens import load_interactions
 from saelab.data.recsae import RecSAEDataModule, history_windows, shuffle_windows
-
-
-def write_dataset(folder: Path, n_users: int = 40, n_items: int = 30, seed: int = 0) -> None:
-    """Users who each mostly watch one of three genres (so latents have concepts to find)."""
-    rng = random.Random(seed)
-    genres = ["Horror", "Comedy", "Western"]
-    by_genre = {g: [i for i in range(1, n_items + 1) if genres[i % 3] == g] for g in genres}
-    with open(folder / "tiny.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-        for u in range(1, n_users + 1):
-            fav = by_genre[genres[u % 3]]
-            for t in range(rng.randint(8, 16)):
-                item = rng.choice(fav) if rng.random() < 0.8 else rng.randint(1, n_items)
-                f.write(f"{u}\t{item}\t4\t{1000 * u + t}\n")
-    with open(folder / "tiny.item", "w") as f:
-        f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
-        for i in range(1, n_items + 1):
-            f.write(f"{i}\tFilm {i}\t{1960 + i}\t{genres[i % 3]}\n")
 
 
 def tiny_cfg(tmp_path: Path, run_dir: Path, extra=()):
@@ -73,7 +55,7 @@ def test_shuffled_windows_keep_items_and_padding():
 
 
 def test_datamodule_needs_a_trained_host(tmp_path):
-    write_dataset(tmp_path)
+    write_movielens(tmp_path)
     corpus = load_interactions(str(tmp_path), "tiny")
     with pytest.raises(ValueError, match="recsae recipe"):
         RecSAEDataModule(d_in=16, host=None, corpus=corpus)
@@ -82,7 +64,7 @@ def test_datamodule_needs_a_trained_host(tmp_path):
 def test_recsae_recipe_end_to_end_and_host_cache(tmp_path):
     from saelab.recipes import recsae
 
-    write_dataset(tmp_path)
+    write_movielens(tmp_path)
     run_dir = tmp_path / "run"
     results = recsae.run(tiny_cfg(tmp_path, run_dir))
     m = results["metrics"]

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from saelab.data.synthetic import SyntheticFeatures
-from saelab.eval.evaluate import evaluate_sae
+from saelab.eval.base import evaluate
+from saelab.eval.core import Core
 from saelab.eval.metrics import FVU, L0, DeadFraction, ExplainedVariance, FeatureRecovery, MeanMaxCosine
+from saelab.eval.synthetic import Recovery
 from saelab.sae import SAE, TopK
 
 
@@ -51,7 +53,7 @@ def test_mean_max_cosine_and_recovery_by_brute_force():
     assert rec.scores[:3].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
 
 
-def test_evaluate_a_perfect_sae_on_synthetic_truth():
+def test_evaluate_a_perfect_sae_on_synthetic_truth(tmp_path):
     feats = SyntheticFeatures(d_in=16, n_features=12, mean_active=2.0, n_parents=2, children_per_parent=2)
     sae = SAE(16, 12, TopK(12), apply_b_dec_to_input=False, normalize_decoder=False, b_dec_init="zeros")
     with torch.no_grad():  # a dictionary equal to the true features, with an exact (pseudo-inverse) encoder
@@ -59,8 +61,15 @@ def test_evaluate_a_perfect_sae_on_synthetic_truth():
         sae.W_enc.copy_(torch.linalg.pinv(feats.directions))
         sae.b_enc.zero_()
     feats_big = SyntheticFeatures(d_in=16, n_features=12, mean_active=2.0, n_parents=2, children_per_parent=2)
-    batches = [feats_big.sample(256, i)[0] for i in range(3)]
-    res = evaluate_sae(sae, batches, true_features=feats.directions)
+    batches = [{"acts": feats_big.sample(256, i)[0]} for i in range(3)]
+
+    class Source:
+        true_features = feats.directions
+
+        def val_dataloader(self):
+            return batches
+
+    res = evaluate(sae, Source(), [Core(plot=False), Recovery(plot=False)], tmp_path).metrics
     assert res["feature_recovery"] == pytest.approx(1.0, abs=1e-5) and res["frac_recovered"] == 1.0
     assert res["explained_variance"] > 0.99 and res["n_tokens"] == 768
 

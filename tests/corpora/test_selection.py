@@ -15,6 +15,9 @@ from saelab.corpora.selection import (
     select_bm25,
     select_corpus,
     select_dense,
+    select_methods,
+    selection_stats,
+    source_of,
     tokenize,
 )
 from saelab.corpora.text import Corpus, load_corpus
@@ -213,16 +216,69 @@ def test_select_corpus_records_provenance(labelled, embedder, tmp_path, monkeypa
         select_bm25(Corpus("empty", [], []), pool, 5)
 
 
-def test_selection_config_instantiates(tmp_path):
-    from pathlib import Path
+def test_source_of_reads_the_id():
+    assert source_of("boolq:0123abcd") == "boolq"
+    assert source_of("enwiki:Apollo 11#3") == "enwiki"
+    assert source_of("newsgroup:sci.space/61234") == "sci.space"  # a post's source is its group
+    assert source_of("newsgroup:alt.atheism/5") == "alt.atheism"
+    assert source_of("Skylion007/openwebtext:17") == "Skylion007/openwebtext"
+    assert source_of("plain") == "plain"
 
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/data/corpus/physics_selected.yaml")
-    cfg.method, cfg.budget, cfg.out_path = "bm25", 5, str(tmp_path / "selected.json")
-    cfg.seed.max_docs, cfg.pool.max_docs = 3, 200
-    out = instantiate(cfg)
-    assert isinstance(out, Corpus) and len(out) == 5
-    assert set(out.ids) <= set(load_corpus("general", "train", max_docs=200).ids)
-    assert Corpus.load(tmp_path / "selected.json").ids == out.ids
+@pytest.mark.parametrize(
+    "name,source", [("scispace", "sci.space"), ("atheism", "alt.atheism"), ("xsum", "xsum")]
+)
+def test_source_of_agrees_with_the_corpus_provenance(name, source):
+    c = load_corpus(name)
+    kept = sum(s["kept"] for s in c.provenance["sources"].values())
+    assert kept == len(c) and {source_of(i) for i in c.ids} == {source}
+
+
+def test_selection_stats_by_hand():
+    sel = Corpus(
+        "sel",
+        ["one two three", "four five", "six", "seven eight nine ten"],
+        ["news:1", "newsgroup:sci.space/2", "news:3", "enwiki:A#0"],
+    )
+    st = selection_stats(sel, {"newsgroup:sci.space/2", "enwiki:A#0", "enwiki:B#1"})
+    assert (st["n_docs"], st["n_words"], st["hidden_domain_docs_in_pool"]) == (4, 10, 3)
+    assert (st["precision_hidden"], st["recall_hidden"]) == (2 / 4, 2 / 3)
+    assert list(st["sources"].items()) == [("news", 2), ("sci.space", 1), ("enwiki", 1)]  # largest first
+    none = selection_stats(sel)
+    assert (none["hidden_domain_docs_in_pool"], none["precision_hidden"], none["recall_hidden"]) == (
+        0,
+        0.0,
+        0.0,
+    )
+
+
+def test_select_methods_measures_every_method_on_one_pool(labelled, embedder, tmp_path):
+    seed, pool, relevant = labelled
+    # the pool is its first 30 docs: the 20 relevant ones and 10 alt.atheism posts; a relevant id outside
+    # the pool must not count toward recall
+    chosen, stats = select_methods(
+        seed,
+        pool,
+        ["dense", "bm25"],
+        budget=10,
+        aggregate="max",
+        relevant_ids=relevant | {"enwiki:not in the pool#0"},
+        pool_max_docs=30,
+        out_dir=tmp_path,
+        embedder=embedder,
+    )
+    first30 = pool.subset(range(30))
+    assert (stats["seed_docs"], stats["pool_docs"]) == (8, 30) and list(chosen) == ["dense", "bm25"]
+    assert chosen["dense"].ids == select_dense(seed, first30, 10, "max", embedder=embedder).ids
+    assert chosen["bm25"].ids == select_bm25(seed, first30, 10, "max").ids
+    for m, sel in chosen.items():
+        hits = sum(i in relevant for i in sel.ids)
+        assert stats[m]["hidden_domain_docs_in_pool"] == 20
+        assert stats[m]["precision_hidden"] == hits / 10 and stats[m]["recall_hidden"] == hits / 20
+        assert sum(stats[m]["sources"].values()) == 10 and stats[m]["seconds"] >= 0
+        assert Corpus.load(tmp_path / f"{m}.json").ids == sel.ids
+    assert stats["seconds"] >= stats["dense"]["seconds"]
+    with pytest.raises(ValueError, match="dense' or 'bm25"):
+        select_methods(seed, pool, ["tracin"], budget=5)
+    with pytest.raises(ValueError, match="at least one method"):
+        select_methods(seed, pool, [], budget=5)

@@ -5,52 +5,14 @@ from __future__ import annotations
 import json
 
 from conftest import compose_cfg
-from test_protein_host import make_tiny_esm
+from support import make_tiny_esm, swissprot_flatfile
 
 from saelab.recipes.protein import run
-
-# three entries × 8 = 24 sequences with transmembrane and zinc-finger regions (current feature-table format)
-ENTRY = """\
-ID   T{i}_TEST                Reviewed;          {n} AA.
-AC   P{i:05d};
-DE   RecName: Full=Test {i};
-OS   Homo sapiens (Human).
-OC   Eukaryota.
-OX   NCBI_TaxID=9606;
-FT   TRANSMEM        {a}..{b}
-FT                   /note="Helical"
-FT   ZN_FING         {c}..{d}
-FT                   /note="C2H2-type"
-SQ   SEQUENCE   {n} AA;  5000 MW;  0000000000000000 CRC64;
-     {seq}
-//
-"""
-
-
-def _flatfile(path):
-    import random
-
-    rnd = random.Random(0)
-    text = []
-    for i in range(24):
-        tm = "".join(rnd.choice("LIVAFG") for _ in range(19))
-        zf = "CPEC" + "".join(rnd.choice("GKSFSQRN") for _ in range(12)) + "HQRTH"
-        seq = (
-            "".join(rnd.choice("DEKRSTNQ") for _ in range(5))
-            + tm
-            + "KRDE"
-            + zf
-            + "".join(rnd.choice("DEKRSTNQAG") for _ in range(6))
-        )
-        a, c = 6, 6 + 19 + 4  # 1-based starts of the TM helix and the zinc finger
-        text.append(ENTRY.format(i=i, n=len(seq), a=a, b=a + 18, c=c, d=c + len(zf) - 1, seq=seq))
-    path.write_text("".join(text))
-    return path
 
 
 def test_protein_recipe_end_to_end_tiny(tmp_path):
     model = make_tiny_esm(tmp_path / "esm")
-    files = _flatfile(tmp_path / "entries.dat")
+    files = swissprot_flatfile(tmp_path / "entries.dat")
     cfg = compose_cfg(
         [
             "+experiment=protein_esm2",
