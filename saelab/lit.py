@@ -109,7 +109,7 @@ class LitSAE(pl.LightningModule):
         self._count_firing(out, x.shape[0])
         if self.global_step % self.log_every == 0:
             with torch.no_grad():
-                y = out.y.float()
+                y = out.x.float()
                 ev = 1 - (y - out.x_hat.float()).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
                 logs["metrics/l0"] = out.l0.mean()
                 logs["metrics/explained_variance"] = ev
@@ -185,7 +185,7 @@ class LitSAE(pl.LightningModule):
         x = batch_acts(batch)
         out: SAEOutput = self.sae(x)
         self.val_l0.update(out.l0)
-        self.val_ev.update(out.y, out.x_hat)
+        self.val_ev.update(out.x, out.x_hat)
         self.val_dead.update(self._fired_counts(out), x.shape[0])
 
     def on_validation_epoch_end(self) -> None:

@@ -51,11 +51,6 @@ class SAEOutput:
     sparse: SparseCodes | None = None
     d_sae: int | None = None
 
-    @property
-    def y(self) -> Tensor:
-        """The reconstruction target (the input x: every SAE here reconstructs its input)."""
-        return self.x
-
     @cached_property
     def codes(self) -> Float[Tensor, "batch d_sae"]:
         """Latent activations as a dense [batch, d_sae] tensor."""
