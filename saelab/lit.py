@@ -14,12 +14,13 @@ buffers that a forward updates from its own batch (BatchTopK's threshold) are av
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from saelab.eval.base import batch_acts
 from saelab.eval.metrics import L0, DeadFraction, ExplainedVariance
 from saelab.objectives import Objective
 from saelab.sae import SAE, ResidualSAE
@@ -43,15 +44,6 @@ def _gather_rows(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
-
-
-def batch_acts(batch) -> Tensor:
-    """The [batch, d_in] activations of a batch: the tensor itself, or its "acts" entry."""
-    if isinstance(batch, Mapping):
-        return batch["acts"]
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    return batch
 
 
 class LitSAE(pl.LightningModule):

@@ -16,6 +16,15 @@ import torch
 
 from saelab.hosts.causal_lm import embedded_model_dir
 
+# five unrelated English sentences (physics and everyday topics) for tiny text corpora
+SENTENCES = [
+    "The electron is a subatomic particle with a negative electric charge.",
+    "Stars fuse hydrogen into helium in their cores, releasing energy as light.",
+    "The committee met on Tuesday to discuss the new budget for the city parks.",
+    "A photon carries momentum even though it has no rest mass.",
+    "She planted tomatoes and basil in the garden behind the old farmhouse.",
+]
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from support import SENTENCES
 
 from saelab.lit import LitSAE, batch_acts
 from saelab.objectives import MSE, Objective
@@ -28,13 +29,7 @@ from saelab.types import SAEOutput
 
 warnings.filterwarnings("ignore")  # Lightning's advice about workers and logging is noise here
 
-TEXTS = [
-    "The electron is a subatomic particle with a negative electric charge.",
-    "Stars fuse hydrogen into helium in their cores, releasing energy as light.",
-    "The committee met on Tuesday to discuss the new budget for the city parks.",
-    "A photon carries momentum even though it has no rest mass.",
-    "She planted tomatoes and basil in the garden behind the old farmhouse.",
-] * 8
+TEXTS = SENTENCES * 8
 
 
 class Recorder(pl.Callback):

@@ -82,6 +82,10 @@ def runs(tmp_path_factory) -> Path:
         "NODE_RANK": "0",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        # the worker imports the shared builders in tests/support.py
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(WORKER.parent.parent), os.environ.get("PYTHONPATH")) if p
+        ),
     }
     cmd = [sys.executable, str(WORKER), str(root / "assets.json"), str(out), str(STEPS)]
     procs = [

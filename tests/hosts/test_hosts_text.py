@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from support import save_tiny_causal_lm
+from support import SENTENCES, save_tiny_causal_lm
 
 from saelab.data.text import TextActivations, pack
 from saelab.hosts.causal_lm import CausalLMHost
 
-TEXTS = [
-    "The electron is a subatomic particle with a negative electric charge.",
-    "Stars fuse hydrogen into helium in their cores, releasing energy as light.",
-    "The committee met on Tuesday to discuss the new budget for the city parks.",
-    "A photon carries momentum even though it has no rest mass.",
-    "She planted tomatoes and basil in the garden behind the old farmhouse.",
-] * 6
+TEXTS = SENTENCES * 6
 
 
 @pytest.fixture(scope="module")
