@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.eval.base import EvalResult, Evaluator, evaluate
 from saelab.files import atomic_write_bytes
+from saelab.io import save_sae
 from saelab.report import Report
 from saelab.train import fit, log_summary, make_logger, plain, wandb_scope
 
@@ -90,8 +91,6 @@ def train_stage(
     with wandb_scope(res.logger):
         if cfg.get("export", True) and trainer.is_global_zero:
             meta = {"saelab_run": cfg.name, "stage": name, "act_scale": float(getattr(dm, "act_scale", 1.0))}
-            from saelab.io import save_sae
-
             out.export = save_sae(
                 res.sae, export_dir or run_dir / name / "sae", metadata={**meta, **(metadata or {})}
             )
@@ -161,7 +160,7 @@ def host_stage(
     """
     cache = run_dir / "host" / f"{name}.pt"
     if cache.exists():
-        blob = torch.load(cache, map_location="cpu", weights_only=False)
+        blob = torch.load(cache, map_location="cpu", weights_only=True)
         if blob.get("key") == key:
             module.load_state_dict(blob["state_dict"])
             return module.eval().requires_grad_(False), {f"{name}/seconds": 0.0, f"{name}/cached": True}
@@ -194,7 +193,7 @@ def host_stage(
         )
         seconds = time.perf_counter() - t0
     if monitor and best.best_model_path:
-        sd = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        sd = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(sd)
     buf = io.BytesIO()
     torch.save({"key": key, "state_dict": module.state_dict()}, buf)

@@ -21,8 +21,9 @@ cumulative share of tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,3 +165,29 @@ def sae_coverage(
     types, counts, captured = captured_types(chunks(), min_recall, min_purity, min_count)
     sae.train(was)
     return coverage_by_frequency(types, counts, captured, corpus_counts, edges)
+
+
+def coverage_rows(covs: Mapping[str, dict]) -> tuple[list[str], list[list]]:
+    """(headers, rows) of coverage per frequency bin (rows) for each SAE (columns), from `Coverage.to_dict()`
+    results on the same test tokens; bins without test tokens are left out (nothing to report)."""
+    first = next(iter(covs.values()))
+    rows = [
+        [b, n, *[c["coverage"][i] for c in covs.values()]]
+        for i, (b, n) in enumerate(zip(first["bins"], first["bin_tokens"], strict=True))
+        if n
+    ]
+    return ["corpus count", "test tokens", *covs], rows
+
+
+def coverage_plot(headers: Sequence[str], rows: Sequence[Sequence], path: Path, title: str) -> Path:
+    """Grouped bars of a `coverage_rows` table: one group per bin (labelled with its token count), one bar
+    per SAE."""
+    from saelab.analysis import plots
+
+    return plots.bars(
+        [f"{r[0]} ({r[1]})" for r in rows],
+        {n: [r[2 + i] for r in rows] for i, n in enumerate(headers[2:])},
+        path,
+        "share of tokens with a capturing latent",
+        title,
+    )

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saelab.analysis import plots
-from saelab.analysis.coverage import sae_coverage, token_counts
+from saelab.analysis.coverage import coverage_plot, coverage_rows, sae_coverage, token_counts
 from saelab.eval.base import EvalResult, Table
 from saelab.types import SAELike
 
@@ -60,20 +59,14 @@ class TailCoverage:
             for b, c, n in zip(cov["bins"], cov["coverage"], cov["bin_tokens"], strict=True)
             if n
         }
-        rows = [
-            [b, n, c] for b, n, c in zip(cov["bins"], cov["bin_tokens"], cov["coverage"], strict=True) if n
-        ]
+        headers, rows = coverage_rows({"coverage": cov})
         res = EvalResult(
             metrics=metrics,
-            tables={"coverage by corpus frequency": Table(["corpus count", "test tokens", "coverage"], rows)},
+            tables={"coverage by corpus frequency": Table(headers, rows)},
             data={"coverage": cov},
         )
         if self.plot and rows:
-            res.figures["coverage"] = plots.bars(
-                [f"{r[0]} ({r[1]})" for r in rows],
-                {"coverage": [r[2] for r in rows]},
-                Path(out_dir) / "coverage.png",
-                "share of tokens with a capturing latent",
-                "Tail-token coverage by corpus-frequency bin",
+            res.figures["coverage"] = coverage_plot(
+                headers, rows, Path(out_dir) / "coverage.png", "Tail-token coverage by corpus-frequency bin"
             )
         return res

@@ -18,7 +18,8 @@ Definitions follow SAELens `evals.py` (`get_recons_loss`, `kl_div_score`); posit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from saelab.analysis import plots
 from saelab.eval.base import EvalResult, at_k, batch_acts, in_host_units, take
 from saelab.hosts.causal_lm import next_token_losses
 
@@ -198,3 +200,25 @@ def _mean_l0(sae, batches) -> float:
         out = sae(batch_acts(b).to(dev))
         tot, n = tot + float(out.l0.sum()), n + out.l0.numel()
     return tot / max(1, n)
+
+
+def ppl_vs_l0(results: Mapping[str, EvalResult]) -> dict[str, list[dict]]:
+    """{SAE: [{l0, spliced_ppl}] sorted by L0}: each SAE's own point (`core` L0, `spliced` perplexity) and
+    the `spliced` evaluator's points at other inference-time k (`data["l0_at_k"]`)."""
+    out = {}
+    for n, r in results.items():
+        pts = [(p["l0"], p["spliced_ppl"]) for p in r.data.get("l0_at_k", [])]
+        pts.append((r.metrics["l0"], r.metrics.get("spliced_ppl", math.nan)))
+        out[n] = [{"l0": a, "spliced_ppl": b} for a, b in sorted(pts)]
+    return out
+
+
+def ppl_vs_l0_plot(curves: Mapping[str, list[dict]], path: Path) -> Path:
+    """The `ppl_vs_l0` curves, one line per SAE."""
+    return plots.scatter(
+        {n: ([p["l0"] for p in pts], [p["spliced_ppl"] for p in pts]) for n, pts in curves.items()},
+        path,
+        "L0",
+        "in-domain spliced perplexity",
+        "Perplexity vs L0 (held-out domain text)",
+    )

@@ -25,9 +25,10 @@ from pathlib import Path
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, open_dict
 
-from saelab.analysis import plots
+from saelab.analysis.coverage import coverage_plot, coverage_rows
 from saelab.corpora.selection import select_methods
 from saelab.eval.base import EvalResult, Table
+from saelab.eval.spliced import ppl_vs_l0, ppl_vs_l0_plot
 from saelab.report import Report, summary_table
 from saelab.stage import evaluate_stage, finish, train_stage
 from saelab.train import plain, run_dir_of
@@ -75,11 +76,15 @@ def run(cfg: DictConfig) -> dict:
             report.add_eval(r, f"{n}/{d}/", tables=False, figures=False)
     report.add_table("Comparison", _comparison(ev), terminal=True)
     cov_heading = "Tail-token coverage (domain test, bins = token count in the general training data)"
-    cov = _coverage_table({n: r.data["coverage"] for n, r in ev["domain"].items()})
-    report.add_table(cov_heading, cov, terminal=True)
-    report.add_figure("coverage by frequency bin", _coverage_plot(cov, run_dir), heading=cov_heading)
-    curves = _ppl_vs_l0(ev["domain"])
-    report.add_figure("perplexity vs L0", _ppl_plot(curves, run_dir), heading="Perplexity vs L0")
+    headers, rows = coverage_rows({n: r.data["coverage"] for n, r in ev["domain"].items()})
+    report.add_table(cov_heading, Table(headers, rows), terminal=True)
+    cov_title = "Tail-token coverage by corpus-frequency bin (domain test)"
+    cov_fig = coverage_plot(headers, rows, run_dir / "coverage.png", cov_title)
+    report.add_figure("coverage by frequency bin", cov_fig, heading=cov_heading)
+    curves = ppl_vs_l0(ev["domain"])
+    report.add_figure(
+        "perplexity vs L0", ppl_vs_l0_plot(curves, run_dir / "ppl_vs_l0.png"), heading="Perplexity vs L0"
+    )
     report.add_text(
         "Data selection", f"Seed docs: {selection['seed_docs']}, pool docs: {selection['pool_docs']}."
     )
@@ -146,48 +151,6 @@ def _comparison(ev: dict[str, dict[str, EvalResult]]) -> Table:
             "general ce_loss_score": 1.0,
         }
     return summary_table(rows, list(COLUMNS), "SAE")
-
-
-def _coverage_table(cov: dict[str, dict]) -> Table:
-    """Coverage per corpus-frequency bin (rows) and SAE (columns), from each SAE's `coverage` evaluator data;
-    bins without test tokens are left out (nothing to report)."""
-    first = next(iter(cov.values()))
-    rows = [
-        [b, n, *[c["coverage"][i] for c in cov.values()]]
-        for i, (b, n) in enumerate(zip(first["bins"], first["bin_tokens"], strict=True))
-        if n
-    ]
-    return Table(["corpus count", "test tokens", *cov], rows)
-
-
-def _coverage_plot(t: Table, run_dir: Path) -> Path:
-    return plots.bars(
-        [f"{r[0]} ({r[1]})" for r in t.rows],
-        {n: [r[2 + i] for r in t.rows] for i, n in enumerate(t.headers[2:])},
-        run_dir / "coverage.png",
-        "share of tokens with a capturing latent",
-        "Tail-token coverage by corpus-frequency bin (domain test)",
-    )
-
-
-def _ppl_vs_l0(results: dict[str, EvalResult]) -> dict[str, list[dict]]:
-    """{SAE: [{l0, spliced_ppl}] by L0}: its own point and its `spliced` points at other inference-time k."""
-    out = {}
-    for n, r in results.items():
-        pts = [(p["l0"], p["spliced_ppl"]) for p in r.data.get("l0_at_k", [])]
-        pts.append((r.metrics["l0"], r.metrics.get("spliced_ppl", math.nan)))
-        out[n] = [{"l0": a, "spliced_ppl": b} for a, b in sorted(pts)]
-    return out
-
-
-def _ppl_plot(curves: dict[str, list[dict]], run_dir: Path) -> Path:
-    return plots.scatter(
-        {n: ([p["l0"] for p in pts], [p["spliced_ppl"] for p in pts]) for n, pts in curves.items()},
-        run_dir / "ppl_vs_l0.png",
-        "L0",
-        "in-domain spliced perplexity",
-        "Perplexity vs L0 (held-out domain text)",
-    )
 
 
 def _selection_table(stats: dict[str, dict]) -> Table:

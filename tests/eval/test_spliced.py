@@ -11,7 +11,8 @@ from support import save_tiny_causal_lm
 from torch import nn
 
 from saelab.analysis.coverage import captured_types, coverage_by_frequency, sae_coverage, token_counts
-from saelab.eval.spliced import ce_loss_score, kl_score, spliced_metrics
+from saelab.eval.base import EvalResult
+from saelab.eval.spliced import ce_loss_score, kl_score, ppl_vs_l0, spliced_metrics
 from saelab.hosts.causal_lm import CausalLMHost
 from saelab.types import SAEOutput
 
@@ -152,3 +153,25 @@ def test_sae_coverage_runs_the_sae():
     assert cov.bin_tokens == [1, 3, 2]  # 8 unseen, 4 once, 6 twice
     # latent 1 fires on 6, 6, 8: 6 holds 2/3 ≥ 0.5 of its mass (captured), 8 only 1/3 (not)
     assert cov.bin_coverage == [0.0, 1.0, 1.0]
+
+
+def test_ppl_vs_l0_joins_each_sae_point_to_its_k_sweep():
+    r = EvalResult(
+        metrics={"l0": 32.0, "spliced_ppl": 60.0},
+        data={
+            "l0_at_k": [
+                {"k": 64, "l0": 64.0, "spliced_ppl": 50.0},
+                {"k": 16, "l0": 16.0, "spliced_ppl": 80.0},
+            ]
+        },
+    )
+    assert ppl_vs_l0({"general": r}) == {
+        "general": [
+            {"l0": 16.0, "spliced_ppl": 80.0},
+            {"l0": 32.0, "spliced_ppl": 60.0},
+            {"l0": 64.0, "spliced_ppl": 50.0},
+        ]
+    }
+    assert ppl_vs_l0({"g": EvalResult(metrics={"l0": 8.0, "spliced_ppl": 9.0})}) == {
+        "g": [{"l0": 8.0, "spliced_ppl": 9.0}]
+    }
