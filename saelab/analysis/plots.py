@@ -77,3 +77,29 @@ def scatter(
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def overlaid_histograms(
+    series: Mapping[str, Sequence[float]],
+    path: Path,
+    xlabel: str,
+    title: str,
+    bins: int = 50,
+    density: bool = True,
+) -> Path:
+    """Histograms of several series on shared bins, drawn as outlines (density by default, so series of
+    different sizes, such as SAEs of different widths, compare)."""
+    arrays = {name: np.asarray(v, dtype=np.float64) for name, v in series.items()}
+    arrays = {name: a[np.isfinite(a)] for name, a in arrays.items()}
+    filled = [a for a in arrays.values() if a.size]
+    lo = min((float(a.min()) for a in filled), default=0.0)
+    hi = max((float(a.max()) for a in filled), default=1.0)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, a in arrays.items():
+        ax.hist(a, bins=edges.tolist(), histtype="step", linewidth=1.4, density=density, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density" if density else "count")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

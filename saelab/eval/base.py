@@ -68,7 +68,16 @@ class Evaluator(Protocol):
 
 
 def applies(evaluator: Evaluator, source: Any) -> str | None:
-    """None when `source` has everything `evaluator` needs, else the reason it is skipped."""
+    """None when `source` has everything `evaluator` needs, else the reason it is skipped.
+
+    An evaluator that suits several kinds of source (no single attribute list says which) defines
+    `applies_to(source) -> str | None` instead: None when it applies, else why not. When present it is
+    asked in place of checking `needs`.
+    """
+    check = getattr(evaluator, "applies_to", None)
+    if callable(check):
+        reason = check(source)
+        return None if reason is None else f"{evaluator.name}: {reason}"
     missing = [a for a in evaluator.needs if getattr(source, a, None) is None]
     if missing:
         return f"{evaluator.name}: the source {type(source).__name__} has no {', '.join(missing)}"
@@ -180,3 +189,40 @@ def at_k(sae: SAELike, k: int) -> SAELike:
     view = copy.copy(sae)
     view._modules = {**sae._modules, "activation": new_act}  # a new dict: the original's stays as it is
     return view
+
+
+def prefix(sae: SAELike, m: int) -> Any:
+    """The sub-SAE of the first `m` latents (a Matryoshka SAE's nested dictionary), as a new SAE.
+
+    Encoder columns, encoder bias, decoder rows and any per-latent activation state are sliced to [0, m);
+    b_dec is shared. For activations that select by a threshold (ReLU, JumpReLU, BatchTopK at inference)
+    the prefix's codes are exactly the first m codes of the full SAE, so its reconstruction is the
+    Matryoshka x̂_m. A TopK prefix picks its own k among the first m latents.
+    """
+    from saelab.sae import SAE  # the evaluators take any SAELike; only this view needs the class
+
+    if not isinstance(sae, SAE):
+        raise TypeError(f"a prefix view needs a saelab SAE, got {type(sae).__name__}.")
+    m = int(m)
+    if not 1 <= m <= sae.d_sae:
+        raise ValueError(f"prefix size must be in [1, d_sae={sae.d_sae}], got {m}.")
+    act = copy.deepcopy(sae.activation)
+    with torch.no_grad():
+        for name, p in list(act.named_parameters(recurse=False)) + list(act.named_buffers(recurse=False)):
+            if p.dim() >= 1 and p.shape[0] == sae.d_sae:
+                sliced = p[:m].clone()
+                setattr(act, name, nn.Parameter(sliced) if isinstance(p, nn.Parameter) else sliced)
+    view = SAE(
+        sae.d_in,
+        m,
+        act,
+        apply_b_dec_to_input=sae.apply_b_dec_to_input,
+        normalize_decoder=sae.normalize_decoder,
+        b_dec_init="zeros",
+    ).to(sae.W_dec.device, sae.W_dec.dtype)
+    with torch.no_grad():
+        view.W_enc.copy_(sae.W_enc[:, :m])
+        view.b_enc.copy_(sae.b_enc[:m])
+        view.W_dec.copy_(sae.W_dec[:m])
+        view.b_dec.copy_(sae.b_dec)
+    return view.eval().requires_grad_(False)

@@ -1,5 +1,6 @@
-"""Reconstruction and dictionary evaluators: `core` (L0, FVU / explained variance, dead fraction, density)
-and `geometry` (MeanCosSim of the decoder)."""
+"""The reconstruction evaluator `core`: L0, FVU / explained variance, dead fraction, latent density.
+
+Dictionary geometry (`geometry`, `composition`, `unique_features`) is in `saelab.eval.geometry`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from saelab.analysis import plots
 from saelab.eval.base import EvalResult, batch_acts, fired_counts, take
-from saelab.eval.metrics import FVU, L0, DeadFraction, MeanMaxCosine
+from saelab.eval.metrics import FVU, L0, DeadFraction
 from saelab.types import SAELike
 
 _LOCAL = {"sync_on_compute": False}  # evaluation runs in one process, also after a DDP fit
@@ -63,16 +64,3 @@ class Core:
         if self.plot:
             res.figures["latent density"] = plots.density_histogram(density, Path(out_dir) / "density.png")
         return res
-
-
-class Geometry:
-    """`mean_max_cos`: MeanCosSim of the decoder (OrtSAE, arXiv:2509.22033), (1/m) Σ_i max_{j≠i} cos(d_i, d_j)."""
-
-    name = "geometry"
-    needs = ()
-
-    @torch.no_grad()
-    def __call__(self, sae: SAELike, source: Any, out_dir: Path) -> EvalResult:
-        mmc = MeanMaxCosine(**_LOCAL)
-        mmc.update(sae.W_dec)
-        return EvalResult(metrics={"mean_max_cos": float(mmc.compute())})

@@ -17,7 +17,9 @@ Definitions follow SAELens `evals.py` (`get_recons_loss`, `kl_div_score`); posit
 
 from __future__ import annotations
 
+import hashlib
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -80,17 +82,21 @@ def spliced_metrics(
     sae_mask: Tensor,
     batch_size: int = 8,
     desc: str = "spliced eval",
+    reference: dict | None = None,
 ) -> dict[str, dict]:
     """CE / KL / ce_loss_score / kl_score / spliced perplexity of each SAE in `saes` on the given contexts.
 
-    The clean and zero-ablated forwards run once per batch and are shared by all SAEs. Returns
+    The clean and zero-ablated forwards run once per batch and are shared by all SAEs. `reference`, a
+    dict kept by the caller for these contexts, holds each batch's clean logits and clean/zero sums after
+    the first call, so later calls (other SAEs on the same contexts) run only their own forwards. Returns
     {name: {ce_clean, ce_sae, ce_zero, ce_loss_score, kl_sae, kl_zero, kl_score, spliced_ppl, clean_ppl,
     n_tokens}}.
     """
     for sae in saes.values():
         sae.eval()
-    ce = {k: 0.0 for k in ["clean", "zero", *saes]}
-    kl = {k: 0.0 for k in ["zero", *saes]}
+    ce = {k: 0.0 for k in saes}
+    kl = {k: 0.0 for k in saes}
+    ref = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}  # apart from `ce`: an SAE may be named "zero"
     n = 0
     bar = tqdm(total=input_ids.shape[0], desc=desc, unit="ctx", leave=False)
     for i in range(0, input_ids.shape[0], batch_size):
@@ -100,14 +106,26 @@ def spliced_metrics(
             sae_mask[i : i + batch_size],
         )
         valid = att[:, 1:].to(torch.float64)  # (B, T-1): positions with a real next token
-        clean = host.logits(ids, att)
-        ids_d = ids.to(clean.device)
         n += int(valid.sum())
-        ce["clean"] += float((next_token_losses(clean, ids_d, att).double() * valid).sum())
-        runs: dict[str, Callable] = {"zero": zero_splice(m)}
-        runs.update({name: sae_splice(sae, m) for name, sae in saes.items()})
-        for name, fn in runs.items():
-            with host.spliced(fn):
+        cached = reference.get(i) if reference is not None else None
+        if cached is None:
+            clean = host.logits(ids, att)
+            ids_d = ids.to(clean.device)
+            ce_clean = float((next_token_losses(clean, ids_d, att).double() * valid).sum())
+            with host.spliced(zero_splice(m)):
+                logits = host.logits(ids, att)
+            ce_zero = float((next_token_losses(logits, ids_d, att).double() * valid).sum())
+            kl_zero = float((token_kl(clean[:, :-1], logits[:, :-1]).double() * valid).sum())
+            if reference is not None:
+                reference[i] = (clean, ce_clean, ce_zero, kl_zero)
+        else:
+            clean, ce_clean, ce_zero, kl_zero = cached
+            ids_d = ids.to(clean.device)
+        ref["ce_clean"] += ce_clean
+        ref["ce_zero"] += ce_zero
+        ref["kl_zero"] += kl_zero
+        for name, sae in saes.items():
+            with host.spliced(sae_splice(sae, m)):
                 logits = host.logits(ids, att)
             ce[name] += float((next_token_losses(logits, ids_d, att).double() * valid).sum())
             kl[name] += float((token_kl(clean[:, :-1], logits[:, :-1]).double() * valid).sum())
@@ -117,18 +135,19 @@ def spliced_metrics(
         raise ValueError("spliced evaluation got no predictable tokens (every context is padding).")
     ce = {k: v / n for k, v in ce.items()}
     kl = {k: v / n for k, v in kl.items()}
+    ce_clean, ce_zero, kl_zero = ref["ce_clean"] / n, ref["ce_zero"] / n, ref["kl_zero"] / n
     out = {}
     for name in saes:
         out[name] = {
-            "ce_clean": ce["clean"],
+            "ce_clean": ce_clean,
             "ce_sae": ce[name],
-            "ce_zero": ce["zero"],
-            "ce_loss_score": ce_loss_score(ce["clean"], ce[name], ce["zero"]),
+            "ce_zero": ce_zero,
+            "ce_loss_score": ce_loss_score(ce_clean, ce[name], ce_zero),
             "kl_sae": kl[name],
-            "kl_zero": kl["zero"],
-            "kl_score": kl_score(kl[name], kl["zero"]),
+            "kl_zero": kl_zero,
+            "kl_score": kl_score(kl[name], kl_zero),
             "spliced_ppl": math.exp(ce[name]),
-            "clean_ppl": math.exp(ce["clean"]),
+            "clean_ppl": math.exp(ce_clean),
             "n_tokens": n,
         }
     return out
@@ -148,6 +167,9 @@ class Spliced:
         l0_at_k: extra k for TopK-family SAEs (empty: none).
         l0_batches: held-out batches for each k's L0.
         split: which contexts of the source.
+        reference_mb: the clean logits of these contexts are kept in memory (per host, per process) up
+            to this size, so evaluating another SAE on the same contexts costs one forward per batch,
+            not three; 0 turns that off.
     """
 
     name = "spliced"
@@ -160,8 +182,10 @@ class Spliced:
         l0_at_k: list[int] | tuple[int, ...] = (),
         l0_batches: int = 4,
         split: str = "val",
+        reference_mb: float = 2048,
     ) -> None:
         self.tokens, self.batch_size, self.split = int(tokens), int(batch_size), split
+        self.reference_mb = float(reference_mb)
         self.l0_at_k, self.l0_batches = [int(k) for k in (l0_at_k or [])], int(l0_batches)
 
     @torch.no_grad()
@@ -181,6 +205,7 @@ class Spliced:
             ctx.sae_mask,
             self.batch_size,
             "spliced eval",
+            reference=self._reference(source.host, ctx.input_ids),
         )
         m = dict(sp["sae"])
         m["spliced_tokens"] = m.pop("n_tokens")
@@ -190,6 +215,27 @@ class Spliced:
             l0 = _mean_l0(view, take(source.val_dataloader(), self.l0_batches))
             points.append({"k": k, "l0": l0, "spliced_ppl": sp[f"k={k}"]["spliced_ppl"]})
         return EvalResult(metrics=m, data={"l0_at_k": points} if points else {})
+
+    def _reference(self, host, input_ids: Tensor) -> dict | None:
+        """This host's cached clean/zero results for these contexts (a new empty dict the first time)."""
+        vocab = getattr(getattr(getattr(host, "model", None), "config", None), "vocab_size", None)
+        if not isinstance(vocab, int) or input_ids.numel() * vocab * 4 > self.reference_mb * 2**20:
+            return None
+        try:
+            per_host = _REFERENCES.setdefault(host, {})
+        except TypeError:  # a host that cannot be weakly referenced: no cache
+            return None
+        key = (
+            hashlib.sha256(input_ids.numpy().tobytes()).hexdigest(),
+            tuple(input_ids.shape),
+            self.batch_size,
+        )
+        return per_host.setdefault(key, {})
+
+
+# host → {(contexts digest, shape, batch size): {batch start: (clean logits, ce_clean, ce_zero, kl_zero)}};
+# entries go with their host
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _mean_l0(sae, batches) -> float:

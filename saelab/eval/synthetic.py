@@ -1,4 +1,4 @@
-"""Ground-truth evaluators on the synthetic source: `recovery` of the true features and `absorption`."""
+"""Ground-truth `recovery` of the true features on the synthetic source (absorption: `eval.absorption`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from saelab.analysis import plots
-from saelab.analysis.absorption import synthetic_absorption
 from saelab.eval.base import EvalResult
 from saelab.eval.metrics import FeatureRecovery
 from saelab.types import SAELike
@@ -47,28 +46,3 @@ class Recovery:
                 "Feature recovery",
             )
         return res
-
-
-class Absorption:
-    """`absorption`: ground-truth feature absorption over parent features (`saelab.analysis.absorption`).
-
-    Draws `n_samples` fresh rows from the source's generative model (`source.features`, batch index
-    `sample_index`, away from the training and validation indices) and encodes them.
-    """
-
-    name = "absorption"
-    needs = ("features",)
-
-    def __init__(self, n_samples: int = 8192, sample_index: int = -1000) -> None:
-        self.n_samples, self.sample_index = int(n_samples), int(sample_index)
-
-    @torch.no_grad()
-    def __call__(self, sae: SAELike, source: Any, out_dir: Path) -> EvalResult:
-        feats = source.features
-        x, coeffs = feats.sample(self.n_samples, self.sample_index)
-        codes = sae(x.to(sae.W_dec.device)).codes.cpu()
-        ab = synthetic_absorption(codes, coeffs, sae.W_dec.cpu(), feats.directions, feats.parent_of)
-        return EvalResult(
-            metrics={"absorption": ab["absorption"]},
-            data={"absorption_per_parent": ab["per_parent"], "parent_match_cos": ab["parent_match_cos"]},
-        )

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saelab.eval.base import EvalResult, Rescaled, Table, at_k, evaluate, in_host_units
-from saelab.eval.core import Core, Geometry
+from saelab.eval.core import Core
+from saelab.eval.geometry import Geometry
 from saelab.eval.synthetic import Recovery
 from saelab.sae import SAE, ReLU, TopK
 

@@ -105,6 +105,25 @@ def test_spliced_metrics_match_hand_computation(host):
     assert res["id"]["kl_sae"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_reference_cache_reuses_clean_and_zero(host, monkeypatch):
+    """A second SAE on the same contexts with the kept reference: the same numbers from one forward per batch."""
+    ids, att, mask = _batch(host)
+    half, third = Fn(lambda x: 0.5 * x), Fn(lambda x: x / 3)
+    plain = spliced_metrics(host, {"half": half, "third": third}, ids, att, mask, batch_size=1)
+    ref: dict = {}
+    first = spliced_metrics(host, {"half": half}, ids, att, mask, batch_size=1, reference=ref)["half"]
+    calls = []
+    forward = host.logits
+    monkeypatch.setattr(host, "logits", lambda *a: calls.append(1) or forward(*a))
+    second = spliced_metrics(host, {"third": third}, ids, att, mask, batch_size=1, reference=ref)["third"]
+    assert len(calls) == 2  # two batches, one spliced forward each; clean and zero came from the reference
+    for key in ("ce_clean", "ce_zero", "kl_zero"):
+        assert first[key] == second[key] == pytest.approx(plain["half"][key], rel=1e-6)
+    for key in ("ce_sae", "kl_sae", "ce_loss_score"):
+        assert second[key] == pytest.approx(plain["third"][key], rel=1e-6)
+        assert first[key] == pytest.approx(plain["half"][key], rel=1e-6)
+
+
 def test_masked_positions_keep_their_activation(host):
     ids, att, _ = _batch(host)
     nothing = torch.zeros_like(att, dtype=torch.bool)
