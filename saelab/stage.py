@@ -5,12 +5,14 @@ in SAELens format, runs the configured evaluators on its source and logs their s
 rank 0 exports and evaluates. `evaluate_stage` evaluates SAEs that are already trained (one W&B run).
 `host_stage` trains a host model that saelab itself trains (SASRec) with the same Trainer settings,
 and caches it by a key of what determines it. `finish` writes the report into its own W&B run.
+`text_data` and `finetune_cfg` build a stage's datamodule (on Corpus objects) and a fine-tune's config.
 
 Recipes read as a list of these calls; see `saelab/recipes/`.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import time
 from collections.abc import Callable, Mapping
@@ -20,8 +22,8 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, open_dict
 
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.eval.base import EvalResult, Evaluator, evaluate
@@ -58,6 +60,28 @@ def evaluators(metrics_cfg: DictConfig | Mapping | None) -> dict[str, Evaluator]
     if not metrics_cfg:
         return {}
     return {name: instantiate(node) for name, node in metrics_cfg.items() if node is not None}
+
+
+def text_data(cfg: DictConfig, corpus: Any, val_corpus: Any, **sizes: Any) -> Any:
+    """The configured text datamodule (`cfg.data`) on given Corpus objects (passed as objects, not config);
+    `sizes` override its token budgets (`train_tokens=`, `val_tokens=`)."""
+    kwargs = {
+        k: v for k, v in plain(cfg.data).items() if k not in ("_target_", "host", "corpus", "val_corpus")
+    }
+    host = instantiate(cfg.data.host)
+    return get_class(cfg.data._target_)(host=host, corpus=corpus, val_corpus=val_corpus, **(kwargs | sizes))
+
+
+def finetune_cfg(
+    cfg: DictConfig, init_from: Path, terms: DictConfig, max_steps: int, lr: float
+) -> DictConfig:
+    """The experiment's config for one fine-tune: start from the export `init_from` and train `terms` for
+    `max_steps` steps at learning rate `lr`."""
+    c = copy.deepcopy(cfg)
+    with open_dict(c):
+        c.sae.init_from, c.objective.terms = str(init_from), terms  # assigning a node copies it
+        c.trainer.max_steps, c.optim.optimizer.lr = max_steps, lr
+    return c
 
 
 def train_stage(

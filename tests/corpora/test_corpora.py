@@ -153,3 +153,27 @@ def test_online_corpus_reads_filters_and_explains_offline(monkeypatch):
     fake.load_dataset = offline
     with pytest.raises(ConnectionError, match="network access.*offline, pick one of"):
         load_hf_corpus("x/arxiv")
+
+
+def test_general_nobio_is_general_without_pubmedqa():
+    general, nobio = load_corpus("general", "train"), load_corpus("general_nobio", "train")
+    assert nobio.ids == [i for i in general.ids if not i.startswith("pubmedqa:")]  # same order, same split
+    assert "pubmedqa" not in nobio.provenance["sources"]
+    assert set(load_corpus("physics_pool", "train").ids) <= set(nobio.ids)  # the physics pool stays hidden
+    assert set(load_corpus("physics_seed").ids).isdisjoint(load_corpus("general_nobio").ids)
+    cfg = OmegaConf.load(CONF / "general_nobio.yaml")
+    cfg.max_docs = 7
+    assert instantiate(cfg).ids == nobio.ids[:7]
+
+
+def test_concat_keeps_order_and_the_first_copy_of_a_repeat():
+    from saelab.corpora.text import concat
+
+    a = Corpus("a", ["one", "two"], ["1", "2"])
+    b = Corpus("b", ["two again", "three"], ["2", "3"])
+    c = concat([a, b])
+    assert c.name == "a+b" and c.ids == ["1", "2", "3"] and c.texts == ["one", "two", "three"]
+    assert c.provenance["duplicates_dropped"] == 1
+    assert [p["docs"] for p in c.provenance["concat"]] == [2, 2]
+    assert c.provenance["concat"][1]["fingerprint"] == b.fingerprint
+    assert concat([b, a], "mix").ids == ["2", "3", "1"]
