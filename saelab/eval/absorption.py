@@ -189,12 +189,39 @@ def one_thread() -> Iterator[None]:
 
 
 @torch.no_grad()
+def shared_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence starts with, leaving at least one token of each after it."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        while n > 0 and s[:n] != first[:n]:
+            n -= 1
+    return max(n, 0)
+
+
 def word_activations(
-    host, seqs: list[list[int]], batch_size: int = 32, desc: str = "absorption: host forwards"
+    host,
+    seqs: list[list[int]],
+    batch_size: int = 32,
+    desc: str = "absorption: host forwards",
+    share_prefix: bool = True,
+    progress: bool = True,
 ) -> Float[Tensor, "n d_in"]:
-    """Hook activation at each sequence's last token (the word), `batch_size` right-padded rows per forward."""
+    """Hook activation at each sequence's last token (the word), `batch_size` right-padded rows per forward.
+
+    Every prompt starts with the same in-context lines; with `share_prefix` (and a Hugging Face host that
+    exposes `model` and `hook_module`) their key/value cache is computed once and each batch runs only its
+    own last tokens, checked on the first batch against the full forward (else the full forward is used).
+    """
+    p = shared_prefix_len(seqs)
+    if share_prefix and p >= 2 and hasattr(host, "model") and hasattr(host, "hook_module"):
+        out = _suffix_activations(host, seqs, p, batch_size, desc)
+        if out is not None:
+            return out
     out = []
-    bar = tqdm(total=len(seqs), desc=desc, unit="word", leave=False)
+    bar = tqdm(total=len(seqs), desc=desc, unit="word", leave=False, disable=not progress)
     try:
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]
@@ -213,6 +240,63 @@ def word_activations(
     finally:
         bar.close()
     return torch.cat(out)
+
+
+@torch.no_grad()
+def _suffix_activations(host, seqs: list[list[int]], p: int, batch_size: int, desc: str) -> Tensor | None:
+    """`word_activations` with the shared first `p` tokens run once; None when the cached path disagrees
+    with the full forward on the first batch (a model whose cache or positions work differently)."""
+    import copy
+    import inspect
+
+    from transformers import DynamicCache
+
+    from saelab.hosts.base import run_until
+
+    model, hook = host.model, host.hook_module
+    dev = next(model.parameters()).device
+    prefix = torch.tensor([seqs[0][:p]], device=dev)
+    cache = DynamicCache()
+    # the cache argument's name: `cache` in recent transformers, `past_key_values` before
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    run_until(
+        model,
+        hook,
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_len.setdefault(len(s) - p, []).append(i)
+    out = torch.empty(len(seqs), int(host.d_in))
+    bar = tqdm(total=len(seqs), desc=desc, unit="word", leave=False)
+    checked = False
+    try:
+        for length, idx in by_len.items():
+            for j in range(0, len(idx), batch_size):
+                rows = idx[j : j + batch_size]
+                c = copy.deepcopy(cache)
+                c.batch_repeat_interleave(len(rows))
+                ids = torch.tensor([seqs[i][p:] for i in rows], device=dev)  # (B, length), no padding
+                att = torch.ones(len(rows), p + length, dtype=torch.long, device=dev)
+                h = run_until(model, hook, input_ids=ids, attention_mask=att, **{kw: c}, use_cache=True)
+                last = h[:, -1].float().cpu()  # (B, d_in)
+                if not checked:
+                    full = word_activations(
+                        host, [seqs[i] for i in rows[:2]], 2, share_prefix=False, progress=False
+                    )
+                    if not torch.allclose(
+                        last[: len(full)], full, rtol=1e-3, atol=1e-4 * float(full.abs().max())
+                    ):
+                        return None
+                    checked = True
+                out[rows] = last
+                bar.update(len(rows))
+    finally:
+        bar.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- probes

@@ -20,9 +20,11 @@ from saelab.eval.absorption import (
     first_letter_absorption,
     pick_words,
     prompt_tokens,
+    shared_prefix_len,
     split_words,
     train_letter_probe,
     vocabulary_words,
+    word_activations,
 )
 from saelab.eval.base import evaluate
 from saelab.hosts.causal_lm import CausalLMHost
@@ -262,7 +264,8 @@ def test_host_path_end_to_end_and_memoised(tiny_host, tmp_path):
         sae = SAE(32, 64, TopK(4), b_dec_init="zeros", seed=0).eval()
         res = evaluate(sae, src, [ev], tmp_path, quiet=True)
         n_forwards = len(calls)
-        assert n_forwards == math.ceil(res.data["absorption_n_words"] / 64)
+        # the shared in-context prefix runs once; the full forward only checks the first batch
+        assert n_forwards == 1
         for m in ("absorption", "mean_absorption_fraction", "mean_full_absorption"):
             assert math.isfinite(res.metrics[m]) and 0 <= res.metrics[m] <= 1, m
         assert res.metrics["absorption"] == res.metrics["mean_absorption_fraction"]
@@ -300,3 +303,19 @@ def test_applies_to_synthetic_and_text_sources_and_skips_others(tmp_path, capsys
     res = evaluate(planted_sae(), SimpleNamespace(host=SimpleNamespace(d_in=8)), [ev], tmp_path)
     assert res.metrics == {}
     assert "skipped evaluator absorption: the source SimpleNamespace has neither" in capsys.readouterr().out
+
+
+def test_shared_prefix_cache_matches_the_full_forward(tiny_host):
+    """The in-context lines run once (key/value cache) and each word alone: the same activations."""
+    tok = tiny_host.tokenizer
+    seqs = prompt_tokens(
+        tok, ["cat", "dog", "tree", "house", "zebra"], "{word} has the first letter:", ["apple", "river"], 1
+    )
+    words = list(seqs.values())
+    p = shared_prefix_len(words)
+    assert p == len(words[0]) - 1 and all(len(s) == p + 1 for s in words)
+    full = word_activations(tiny_host, words, 2, share_prefix=False)
+    cached = word_activations(tiny_host, words, 2)
+    assert torch.allclose(full, cached, atol=1e-5)
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 4], [1, 5]]) == 1
+    assert shared_prefix_len([[1, 2], [1, 2]]) == 1  # at least one token of each stays after the prefix
