@@ -73,6 +73,9 @@ def train_variants(cfg: DictConfig, run_dir: Path) -> dict[str, tuple[str, str, 
         key = OmegaConf.to_yaml(c.data)
         if key not in sources:
             sources[key] = instantiate(c.data)
+            # build the activation cache now, so no stage's fit time (the step-time ratios) includes it
+            for loader in ("train_dataloader", "val_dataloader"):
+                getattr(sources[key], loader, lambda: None)()
         stage = train_stage(c, run_dir, name, datamodule=sources[key])
         if stage.is_global_zero:  # under DDP every rank trains every variant; only rank 0 reports
             out[name] = (variant, cell, stage)
