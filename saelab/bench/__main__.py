@@ -1,4 +1,7 @@
-"""Run the benchmark sections: `python -m saelab.bench [--quick] [--steps N] [--device cpu] [--sections topk,...]`."""
+"""Run the benchmark sections: `python -m saelab.bench [--quick] [--steps N] [--device cpu] [--sections topk,...]`.
+
+Size flags (--d-in, --d-sae, --k, --batch) override a section's default size (topk's timed run, variants).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps", type=int, default=None, help="timed steps per implementation (default: per section)"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)"
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurements")
+    for flag in ("d-in", "d-sae", "k", "batch"):
+        p.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the SAE (default: per section)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="SAE parameter dtype (variants; default float32)",
+    )
+    p.add_argument(
+        "--dead-frac",
+        type=float,
+        default=None,
+        help="share of latents AuxK treats as dead (variants; default 0.05)",
+    )
     p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
@@ -26,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
+    for name in ("d_in", "d_sae", "k", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.dead_frac is not None and not 0 <= args.dead_frac <= 1:
+        p.error("--dead-frac must be in [0, 1]")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.device is None:
         import torch
 
@@ -53,6 +80,10 @@ def run_section(name: str, args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for name in args.sections:
         t0 = time.perf_counter()
         print(f"== {name} ==", flush=True)

@@ -21,10 +21,10 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelab.bench import SectionUnavailable
 from saelab.objectives import Objective
@@ -46,6 +46,11 @@ class Size:
     def __str__(self) -> str:
         return f"d_in={self.d_in} d_sae={self.d_sae} k={self.k} batch={self.batch}"
 
+    def with_args(self, args: argparse.Namespace) -> Size:
+        """This size with whichever of --d-in / --d-sae / --k / --batch the command line gave."""
+        given = {f: getattr(args, f, None) for f in ("d_in", "d_sae", "k", "batch")}
+        return replace(self, **{f: int(v) for f, v in given.items() if v is not None})
+
 
 FULL = Size(768, 16384, 32, 4096)
 QUICK = Size(64, 2048, 16, 512)
@@ -62,18 +67,36 @@ def make_batches(size: Size, n: int, device: str, seed: int = 0) -> list[Tensor]
 
 # ---------------------------------------------------------------------------------------------- runners
 class SaelabRunner:
-    """One training step of saelab's TopK SAE as `LitSAE` runs it (objective, constraint, optimiser)."""
+    """One training step of a saelab SAE as `LitSAE` runs it (objective, constraint, optimiser).
+
+    Defaults: a TopK(k) SAE on FVU. `activation` and `objective` swap in another SAE and loss
+    (the variants section); `dead_mask` is the dead-latent set the objective's AuxK sees, and the step
+    counter advances so that terms computed every n-th step (`Ortho`) run on their own schedule.
+    """
 
     name = "saelab"
 
-    def __init__(self, size: Size, device: str, seed: int = 0) -> None:
-        self.sae = SAE(size.d_in, size.d_sae, TopK(size.k), b_dec_init="zeros", seed=seed).to(device)
-        self.objective = Objective({"fvu": FVU()})
+    def __init__(
+        self,
+        size: Size,
+        device: str,
+        seed: int = 0,
+        activation: nn.Module | None = None,
+        objective: Objective | None = None,
+        dead_mask: Tensor | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        act = activation if activation is not None else TopK(size.k)
+        self.sae = SAE(size.d_in, size.d_sae, act, b_dec_init="zeros", seed=seed, dtype=dtype).to(device)
+        self.objective = objective if objective is not None else Objective({"fvu": FVU()})
+        self.dead_mask = dead_mask.to(device) if dead_mask is not None else None
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
+        self.n_steps = 0
 
     def loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.sae(x)
-        loss, _ = self.objective(out, self.sae, TrainState())
+        state = TrainState(step=self.n_steps, dead_mask=self.dead_mask)
+        loss, _ = self.objective(out, self.sae, state)
         return loss, out.x_hat
 
     def step(self, x: Tensor) -> Tensor:
@@ -83,6 +106,7 @@ class SaelabRunner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sae.set_decoder_norm_to_unit()
+        self.n_steps += 1
         return loss.detach()
 
 
@@ -172,23 +196,40 @@ def _sync(device: str) -> None:
 
 
 def time_interleaved(
-    runners: list, batches: list[Tensor], warmup: int, steps: int, device: str
+    runners: list,
+    batches: list[Tensor],
+    warmup: int,
+    steps: int,
+    device: str,
+    block: int = 1,
+    cpu_times: list[list[float]] | None = None,
 ) -> list[list[float]]:
-    """Seconds per step for each runner, alternating runners step by step on the same batch sequence."""
+    """Seconds per step for each runner, alternating runners block by block on the same batch sequence.
+
+    Each sample is `block` consecutive steps of one runner divided by `block`, so a term computed
+    every `block`-th step is counted once per sample; `steps` is the number of samples per runner.
+    `cpu_times`, if given, gets one list per runner of this process's CPU seconds per step over the
+    same samples (on a CPU run, less disturbed than wall time by other processes).
+    """
     for i in range(warmup):
         for r in runners:
             r.step(batches[i % len(batches)])
     _sync(device)
     times: list[list[float]] = [[] for _ in runners]
+    cpu: list[list[float]] = [[] for _ in runners]
     for i in range(steps):
-        x = batches[(warmup + i) % len(batches)]
+        xs = [batches[(warmup + i * block + b) % len(batches)] for b in range(block)]
         order = runners if i % 2 == 0 else runners[::-1]  # who goes first alternates too (cache warmth)
         for r in order:
             _sync(device)
-            t0 = time.perf_counter()
-            r.step(x)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for x in xs:
+                r.step(x)
             _sync(device)
-            times[runners.index(r)].append(time.perf_counter() - t0)
+            times[runners.index(r)].append((time.perf_counter() - t0) / block)
+            cpu[runners.index(r)].append((time.process_time() - c0) / block)
+    if cpu_times is not None:
+        cpu_times[:] = cpu
     return times
 
 
@@ -274,7 +315,7 @@ def main(args: argparse.Namespace) -> list[str]:
     version = _sparsify_version()
     device = str(getattr(args, "device", None) or "cpu")
     quick = bool(getattr(args, "quick", False))
-    size = QUICK if quick else FULL
+    size = (QUICK if quick else FULL).with_args(args)
     steps = getattr(args, "steps", None) or (20 if quick else 12)
     warmup = 2
     torch.manual_seed(0)

@@ -217,10 +217,10 @@ def word_activations(
     """
     p = shared_prefix_len(seqs)
     if share_prefix and p >= 2 and hasattr(host, "model") and hasattr(host, "hook_module"):
-        out = _suffix_activations(host, seqs, p, batch_size, desc)
-        if out is not None:
-            return out
-    out = []
+        cached = _suffix_activations(host, seqs, p, batch_size, desc)
+        if cached is not None:
+            return cached
+    out: list[Tensor] = []
     bar = tqdm(total=len(seqs), desc=desc, unit="word", leave=False, disable=not progress)
     try:
         for i in range(0, len(seqs), batch_size):

@@ -8,11 +8,14 @@ the batch" unless stated.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from saelab.types import SAELike, SAEOutput, TrainState
@@ -164,6 +167,102 @@ class AuxK(Term):
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+# Gram entries in bf16 are within 3u (u = 2⁻⁸) of the exact cosine for rows of norm ≤ 1: 2u + u² from
+# rounding both inputs (Cauchy–Schwarz bounds Σ|a_k b_k| by ‖a‖‖b‖), u from rounding the output, ~d·2⁻²⁴
+# from fp32 accumulation. So the true argmax j* has G(j*) ≥ c* − 3u ≥ max_j G(j) − 6u; 8u leaves slack.
+_BF16_MARGIN = 2.0**-5
+_GRAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are much faster than fp32 here (CUDA with bf16, AMX or AVX512-BF16 CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return any(
+            getattr(torch.cpu, f, lambda: False)()
+            for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
+    return False
+
+
+@contextlib.contextmanager
+def _fp32_accumulation(device: torch.device):
+    """bf16 products accumulate in fp32 (cuBLAS may otherwise reduce split-K partials in bf16)."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_bf16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = old
+
+
+@torch.no_grad()
+def most_similar(
+    Wn: Float[Tensor, "c d"],
+    absolute: bool = False,
+    gram_dtype: torch.dtype = torch.float32,
+    block: int | None = None,
+) -> Int[Tensor, " c"]:
+    """Each row's most similar other row: argmax_{j≠i} (Wn Wnᵀ)_ij (|·| if `absolute`), smallest j on ties.
+
+    `Wn` has rows of norm ≤ 1 (normalised decoder rows), so the entries are cosines.
+    The Gram matrix is formed `block` rows at a time (default: 2²⁵ entries, so few blocks, each a few
+    dozen small ops, whatever c is) and never kept whole. In fp32 this is the plain
+    argmax. In bf16 every entry is within 3u of the exact value (see `_BF16_MARGIN`), so the argmax is
+    among the entries within 8u of the row's bf16 maximum: those few are recomputed in fp32 (a sampled
+    product, as in the sparse decoder's backward) and the largest taken, which is the fp32 argmax.
+    To find them without a pass over every entry, each row of G is cut into `w` interleaved tiles
+    (columns t, t + n_t, t + 2n_t, …), whose maxima are one elementwise max over w contiguous slices.
+    """
+    c, d = Wn.shape
+    exact = gram_dtype == torch.float32
+    margin = 0.0 if exact else _BF16_MARGIN
+    w = min(64, c)
+    n_t = -(-c // w)  # tiles per row; the columns are padded to w·n_t
+    Wg = torch.cat([Wn, Wn.new_zeros(w * n_t - c, d)]).to(gram_dtype)  # (w·n_t, d)
+    out = torch.empty(c, dtype=torch.long, device=Wn.device)
+    block = block or max(1, 2**25 // (w * n_t))
+    for r0 in range(0, c, block):
+        b = min(block, c - r0)
+        with _fp32_accumulation(Wn.device):
+            G = Wg[r0 : r0 + b] @ Wg.t()  # (b, w·n_t) cosines of this block's rows with the whole chunk
+        if absolute:
+            G.abs_()
+        G.diagonal(offset=r0).fill_(-math.inf)  # j ≠ i
+        G[:, c:] = -math.inf  # the padding
+        tiles = G.view(b, w, n_t)  # tiles[r, s, t] = G[r, s·n_t + t]
+        tile_max = tiles.amax(1)  # (b, n_t)
+        thr = tile_max.amax(1).float() - margin  # (b,) the candidates' floor
+        rr, tt = (tile_max.float() >= thr[:, None]).nonzero(as_tuple=True)  # candidate tiles
+        pr, ps = (tiles[rr, :, tt].float() >= thr[rr, None]).nonzero(as_tuple=True)  # (P,) entries
+        rows, cols = rr[pr], ps * n_t + tt[pr]
+        if exact:
+            vals = G[rows, cols]  # exactly the row maxima
+        else:
+            # rows come sorted (nonzero is row-major); cuSPARSE also wants the columns sorted within a row
+            if Wn.device.type == "cuda":
+                key = torch.sort(rows * c + cols).values
+                rows, cols = key // c, key % c
+            counts = torch.bincount(rows, minlength=b)
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, cols, Wn.new_zeros(cols.numel()), size=(b, c))
+            vals = torch.sparse.sampled_addmm(pattern, Wn[r0 : r0 + b], Wn.t(), beta=0.0).values()
+            if absolute:
+                vals = vals.abs()
+        best = vals.new_full((b,), -math.inf).scatter_reduce(0, rows, vals, "amax")
+        win = vals >= best[rows]
+        j = torch.full((b,), c, dtype=torch.long, device=Wn.device)
+        out[r0 : r0 + b] = j.scatter_reduce(0, rows[win], cols[win], "amin")
+    return out.clamp_(max=c - 1)  # only a NaN row has no candidate; its loss is NaN and reported as such
+
+
 class Ortho(Term):
     """OrtSAE chunked orthogonality penalty (Korznikov et al. 2025, arXiv:2509.22033, Eqs. 3–5).
 
@@ -173,7 +272,14 @@ class Ortho(Term):
         L_orth = (1/K) Σ_k (1/|C_k|) Σ_{i∈C_k} (max_{j∈C_k, j≠i} cos(W_i, W_j))²
 
     cos uses max(‖W_i‖‖W_j‖, δ). With `every_n_steps = n > 1` the term is computed on every n-th step
-    only and multiplied by n (the paper's cheaper variant). `absolute=True` takes |cos|.
+    only and multiplied by n (the paper's cheaper variant: keep `coeff` = γ, the ×n is applied here),
+    so its mean over steps matches n = 1. `absolute=True` takes |cos|.
+
+    The max has a gradient only through its argmax pair, so the chunk Gram matrices (O(d_sae·chunk·d_in))
+    are formed without autograd, only to find each latent's partner j*(i) (`most_similar`; in bf16 where
+    `gram_dtype="auto"` finds it fast, with the argmax confirmed in fp32), and cos(W_i, W_j*) is then
+    recomputed with autograd for those pairs only (O(d_sae·d_in)). Value and gradient are those of the
+    formula above.
     """
 
     def __init__(
@@ -183,33 +289,44 @@ class Ortho(Term):
         every_n_steps: int = 1,
         absolute: bool = False,
         delta: float = 1e-8,
+        gram_dtype: str = "auto",
     ) -> None:
         super().__init__(coeff)
         if chunk_size < 2 or every_n_steps < 1:
             raise ValueError("ortho needs chunk_size >= 2 and every_n_steps >= 1.")
+        if gram_dtype != "auto" and gram_dtype not in _GRAM_DTYPES:
+            raise ValueError(f"ortho.gram_dtype must be auto, float32 or bfloat16, got {gram_dtype!r}.")
         self.chunk_size, self.every_n_steps = int(chunk_size), int(every_n_steps)
         self.absolute, self.delta = absolute, delta
+        self.gram_dtype = gram_dtype
+
+    def _gram_dtype(self, device: torch.device) -> torch.dtype:
+        if self.gram_dtype == "auto":
+            return torch.bfloat16 if fast_bf16(device) else torch.float32
+        return _GRAM_DTYPES[self.gram_dtype]
 
     def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         W = sae.W_dec.float()
         if state.step % self.every_n_steps != 0:
             return W.new_zeros(())
         m = W.shape[0]
-        Wn = W / W.norm(dim=1, keepdim=True).clamp_min(self.delta**0.5)
+        Wn = W / W.norm(dim=1, keepdim=True).clamp_min(self.delta**0.5)  # (d_sae, d_in)
         n_chunks = max(1, math.ceil(m / self.chunk_size))
         perm = torch.randperm(m, generator=state.generator("cpu", salt=17)).to(W.device)
-        terms = []
-        for idx in perm.chunk(n_chunks):
-            if idx.numel() < 2:
-                continue
-            C = Wn[idx] @ Wn[idx].t()  # (c, c) cosine similarities
-            if self.absolute:
-                C = C.abs()
-            C = C - torch.eye(idx.numel(), device=W.device) * 1e4  # drop i == j from the max
-            terms.append(C.max(dim=1).values.pow(2).mean())
-        if not terms:
+        chunks = [idx for idx in perm.chunk(n_chunks) if idx.numel() >= 2]
+        if not chunks:
             return W.new_zeros(())
-        return torch.stack(terms).mean() * self.every_n_steps
+        # partner[i] = argmax_j of row i of its chunk's Gram matrix; weight[i] = 1/(K·|C_k|) (0: no chunk)
+        partner = torch.arange(m, device=W.device)
+        weight = W.new_zeros(m)
+        gram_dtype = self._gram_dtype(W.device)
+        for idx in chunks:
+            partner[idx] = idx[most_similar(Wn.detach()[idx], self.absolute, gram_dtype)]
+            weight[idx] = 1.0 / (len(chunks) * idx.numel())
+        cos = (Wn * Wn.index_select(0, partner)).sum(-1)  # (d_sae,) cos(W_i, W_j*(i)), with gradient
+        if self.absolute:
+            cos = cos.abs()
+        return (weight * cos.pow(2)).sum() * self.every_n_steps
 
 
 class Matryoshka(Term):
@@ -220,9 +337,12 @@ class Matryoshka(Term):
     Prefixes are either fixed (`groups`: group sizes summing to d_sae, e.g. [d/16, d/16, d/8, d/4, d/2]
     of the dictionary) or `random_prefixes` lengths redrawn each step from a truncated Pareto with
     power `pareto_power` (favouring short prefixes), always including d_sae. `group_fractions` gives
-    the fixed groups as shares of d_sae instead (the last group takes the rounding remainder). x̂_m is formed as the full
-    x̂ minus the decoded contributions of latents ≥ m, so it works on the sparse path and for a
-    residual SAE. `groups=[d_sae]` reduces to `MSE`.
+    the fixed groups as shares of d_sae instead (the last group takes the rounding remainder).
+
+    x̂_m is formed as the full x̂ minus the decoded contributions of latents ≥ m, so it works for a
+    residual SAE too, and incrementally: x̂_{m_{p−1}} = x̂_{m_p} − D_p with D_p the decode of block
+    [m_{p−1}, m_p) alone (on the sparse path one embedding-bag over the selected entries of blocks 2 … n),
+    so every prefix costs one (batch, d_in) update, not a decode. `groups=[d_sae]` reduces to `MSE`.
     """
 
     def __init__(
@@ -270,26 +390,40 @@ class Matryoshka(Term):
     def __call__(self, out: SAEOutput, sae: SAELike, state: TrainState) -> Tensor:
         d_sae = sae.W_dec.shape[0]
         bounds = self.prefixes(d_sae, state)
-        starts = [0] + bounds[:-1]
-        # contribution of each block [start, end) to x̂, as (n_blocks, batch, d_in)
-        blocks: list[Tensor] = []
-        for s, e in zip(starts, bounds):
-            if out.sparse is not None:
-                sp = out.sparse
-                keep = (sp.cols >= s) & (sp.cols < e)
-                part = torch.zeros_like(out.x_hat).index_add(
-                    0, sp.rows[keep], sp.vals[keep, None] * sae.W_dec[sp.cols[keep]]
-                )
-            else:
-                part = out.codes[:, s:e] @ sae.W_dec[s:e]
-            blocks.append(part)
-        parts = torch.stack(blocks)
-        # x̂ with prefix p = full x̂ − Σ of blocks after p  (reverse cumulative sum)
-        tail = parts.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} parts[j]
-        y = out.x.float()
-        losses = []
-        for i in range(len(bounds)):
-            after = tail[i + 1] if i + 1 < len(bounds) else 0.0
-            x_hat_p = out.x_hat - after
-            losses.append((y - x_hat_p.float()).pow(2).sum(-1).mean())
+        # r_p = y − x̂_p for the prefixes from the longest down: r_n = y − x̂ and r_{p−1} = r_p + D_p, where
+        # D_p is the decoded contribution of block p (latents [m_{p−1}, m_p)); block 1 is never needed
+        # unbind: one backward op for all blocks, not a zero-filled (n − 1, batch, d_in) gradient per block
+        drops = self._blocks(out, sae, bounds).unbind(0)  # D_2 … D_n, each (batch, d_in)
+        r = out.x.float() - out.x_hat.float()  # (batch, d_in)
+        losses = [r.pow(2).sum(-1).mean()]
+        for d in reversed(drops):
+            r = r + d.float()
+            losses.append(r.pow(2).sum(-1).mean())
         return torch.stack(losses).mean()
+
+    @staticmethod
+    def _blocks(out: SAEOutput, sae: SAELike, bounds: list[int]) -> Tensor:
+        """The decoded contributions Σ_{j∈block} f_j W_dec[j] of blocks 2 … n, as (n − 1, batch, d_in)."""
+        batch, n = out.x.shape[0], len(bounds) - 1
+        if n == 0:
+            return out.x_hat.new_zeros(0, *out.x_hat.shape)
+        if out.sparse is None:
+            codes = out.codes
+            return torch.stack([codes[:, s:e] @ sae.W_dec[s:e] for s, e in zip(bounds[:-1], bounds[1:])])
+        # sparse path: one embedding-bag over (block, row) bags, each non-zero entry decoded once
+        sp = out.sparse
+        block = torch.bucketize(
+            sp.cols, sp.cols.new_tensor(bounds[:-1]), right=True
+        )  # (nnz,) 0 (block 1) … n
+        keep = (block >= 1).nonzero(as_tuple=True)[0]
+        order = keep[torch.sort(block[keep], stable=True).indices]  # block-major; rows stay sorted
+        bag = (block[order] - 1) * batch + sp.rows[order]  # (nnz_kept,) non-decreasing
+        counts = torch.bincount(bag, minlength=n * batch)
+        decoded = F.embedding_bag(
+            sp.cols[order],
+            sae.W_dec,
+            counts.cumsum(0) - counts,
+            mode="sum",
+            per_sample_weights=sp.vals[order].to(sae.W_dec.dtype),
+        )  # (n · batch, d_in)
+        return decoded.view(n, batch, -1)
