@@ -116,7 +116,7 @@ def _hierarchy(st, h: DictConfig, report: Report, name: str) -> list[dict]:
         "parent top tokens",
         "child",
         "cos(d_p, d_c)",
-        "P(parent | child)",
+        "P(parent fires, given child)",
         "child top tokens",
     ]
     report.add_table(f"Feature hierarchy: {name}", Table(headers, rows))
