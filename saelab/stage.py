@@ -62,13 +62,14 @@ def evaluators(metrics_cfg: DictConfig | Mapping | None) -> dict[str, Evaluator]
     return {name: instantiate(node) for name, node in metrics_cfg.items() if node is not None}
 
 
-def text_data(cfg: DictConfig, corpus: Any, val_corpus: Any, **sizes: Any) -> Any:
-    """The configured text datamodule (`cfg.data`) on given Corpus objects (passed as objects, not config);
-    `sizes` override its token budgets (`train_tokens=`, `val_tokens=`)."""
+def text_data(cfg: DictConfig, corpus: Any, val_corpus: Any, host: Any = None, **sizes: Any) -> Any:
+    """The configured text datamodule (`cfg.data`) on given Corpus objects (passed as objects, not config),
+    on `host` (default: a new one from `cfg.data.host`); `sizes` override its token budgets
+    (`train_tokens=`, `val_tokens=`)."""
     kwargs = {
         k: v for k, v in plain(cfg.data).items() if k not in ("_target_", "host", "corpus", "val_corpus")
     }
-    host = instantiate(cfg.data.host)
+    host = host if host is not None else instantiate(cfg.data.host)
     return get_class(cfg.data._target_)(host=host, corpus=corpus, val_corpus=val_corpus, **(kwargs | sizes))
 
 

@@ -29,14 +29,14 @@ from typing import Any
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from saelab.analysis import plots
 from saelab.eval.geometry import unique_features
 from saelab.report import Report, summary_table
-from saelab.stage import StageResult, evaluate_stage, finish, train_stage
-from saelab.train import apply_debug, plain, run_dir_of
+from saelab.stage import StageResult, evaluate_stage, finish, text_data, train_stage
+from saelab.train import apply_debug, run_dir_of
 
 
 def variant_cfg(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -89,17 +89,9 @@ def eval_sources(cfg: DictConfig, host: Any = None) -> dict:
     if not sets:
         return {}
     host = host if host is not None else instantiate(cfg.data.host)
-    kwargs = {
-        k: v for k, v in plain(cfg.data).items() if k not in ("_target_", "host", "corpus", "val_corpus")
-    }
-    cls, corpus = get_class(cfg.data._target_), instantiate(cfg.data.corpus)
+    corpus = instantiate(cfg.data.corpus)
     return {
-        name: cls(
-            host=host,
-            corpus=corpus,
-            val_corpus=instantiate(spec.corpus),
-            **(kwargs | {"val_tokens": int(spec.tokens)}),
-        )
+        name: text_data(cfg, corpus, instantiate(spec.corpus), host=host, val_tokens=int(spec.tokens))
         for name, spec in sets.items()
     }
 
