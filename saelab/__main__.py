@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from saelab.allocator import keep_freed_memory
 from saelab.train import apply_debug
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,7 @@ def run_recipe(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig):
+    keep_freed_memory()
     try:
         results = run_recipe(cfg)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import importlib
 import sys
 import time
 
+from saelab.allocator import keep_freed_memory
 from saelab.bench import SECTIONS, SectionUnavailable
 
 
@@ -80,6 +81,7 @@ def run_section(name: str, args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as the CLI trains (saelab/allocator.py); SAELAB_MALLOC=default to compare
     if args.threads is not None:
         import torch
 

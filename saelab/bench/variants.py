@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saelab.allocator import keep_freed_memory
 from saelab.bench.topk import LR, SaelabRunner, Size, _table, make_batches, time_interleaved
 from saelab.objectives import MSE, AuxK, Matryoshka, Objective, Ortho
 from saelab.objectives.terms import Term, fast_bf16
@@ -119,7 +120,8 @@ def main(args: argparse.Namespace) -> list[str]:
         f"Adam lr={LR}, unit-norm decoder + parallel-grad removal; AuxK α={ALPHA:.4g}, k_aux={K_AUX}, "
         f"{int(dead.sum())} dead latents ({dead_frac:.0%}); ortho γ={GAMMA}, chunk {CHUNK} "
         f"(K={math.ceil(size.d_sae / CHUNK)}), Gram in {gram}"
-        + (" (argmax confirmed in fp32)" if gram == "bf16" else ""),
+        + (" (argmax confirmed in fp32)" if gram == "bf16" else "")
+        + f"; freed memory kept in the heap: {'yes' if keep_freed_memory() else 'no (glibc default)'}",
     ]
     on_cpu = device.startswith("cpu")
     rows = []
