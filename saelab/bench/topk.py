@@ -204,12 +204,14 @@ def time_interleaved(
     block: int = 1,
     cpu_times: list[list[float]] | None = None,
 ) -> list[list[float]]:
-    """Seconds per step for each runner, alternating runners block by block on the same batch sequence.
+    """Seconds per step for each runner, alternating runners step by step on the same batch sequence.
 
-    Each sample is `block` consecutive steps of one runner divided by `block`, so a term computed
-    every `block`-th step is counted once per sample; `steps` is the number of samples per runner.
-    `cpu_times`, if given, gets one list per runner of this process's CPU seconds per step over the
-    same samples (on a CPU run, less disturbed than wall time by other processes).
+    Each sample is the mean time of `block` steps of one runner (its own consecutive steps, so a term
+    computed every `block`-th step is counted once per sample), taken in a round in which the runners
+    take turns after every step (in a rotating order): each runner's steps lie seconds from the others', so drift in the
+    machine's speed cancels in the ratios. `steps` is the number of samples per runner. `cpu_times`, if
+    given, gets one list per runner of this process's CPU seconds per step over the same samples (on a
+    CPU run, less disturbed than wall time by other processes).
     """
     for i in range(warmup):
         for r in runners:
@@ -219,15 +221,22 @@ def time_interleaved(
     cpu: list[list[float]] = [[] for _ in runners]
     for i in range(steps):
         xs = [batches[(warmup + i * block + b) % len(batches)] for b in range(block)]
-        order = runners if i % 2 == 0 else runners[::-1]  # who goes first alternates too (cache warmth)
-        for r in order:
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for x in xs:
+        wall, proc = [0.0] * len(runners), [0.0] * len(runners)
+        for b, x in enumerate(xs):
+            # the order rotates by one each step: every runner takes every position equally often, and with
+            # three or more runners none runs twice in a row (which would favour it through warm caches)
+            shift = (i * block + b) % len(runners)
+            for j in [*range(shift, len(runners)), *range(shift)]:
+                r = runners[j]
+                _sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
                 r.step(x)
-            _sync(device)
-            times[runners.index(r)].append((time.perf_counter() - t0) / block)
-            cpu[runners.index(r)].append((time.process_time() - c0) / block)
+                _sync(device)
+                wall[j] += time.perf_counter() - t0
+                proc[j] += time.process_time() - c0
+        for j in range(len(runners)):
+            times[j].append(wall[j] / block)
+            cpu[j].append(proc[j] / block)
     if cpu_times is not None:
         cpu_times[:] = cpu
     return times

@@ -12,9 +12,9 @@ forward, objective, backward, parallel-gradient removal, Adam step, decoder reno
                (Bussmann et al. 2025, arXiv:2503.17547) + α·AuxK
 
 AuxK sees a fixed random dead set (`--dead-frac` of the latents), so it does its work every step as it
-does in a run with dead latents. Steps are timed in blocks of 5 (one full ortsae/5 cycle), interleaved
-round-robin with alternating order after a warm-up; each variant's ratio is the median over rounds of
-its block time over BatchTopK's block time in the same round, which cancels most load from other
+does in a run with dead latents. Steps are timed in rounds of 5 per variant (one full ortsae/5 cycle),
+the variants taking turns after every step, in a rotating order, after a warm-up; each variant's ratio is
+the median over rounds of its round time over BatchTopK's in the same round, which cancels most load from other
 processes. The paper's Table 3 reports 1.15× (Matryoshka) and 1.04–1.11× (OrtSAE) on one H100.
 """
 
@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> list[str]:
     headers += ["target", "median ms/step", "min ms/step"]
     lines += ["", *_table(headers, rows), ""]
     lines.append(
-        f"({rounds} interleaved rounds of {BLOCK} steps per variant after {BLOCK} warm-up steps; ratio = median "
+        f"({rounds} rounds of {BLOCK} steps per variant, taking turns step by step, after {BLOCK} warm-up steps; ratio = median "
         "over rounds of the paired block-time ratio (wall clock; the target applies to it); the ms/step hold "
         "for this session only)"
     )
