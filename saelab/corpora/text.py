@@ -51,18 +51,38 @@ from saelab.assets import PYPI, package_file
 
 @dataclass
 class Corpus:
-    """Documents with stable ids and a record of where they came from."""
+    """Documents with stable ids, optional per-document labels and a record of where they came from.
+
+    `labels` maps a field name (e.g. "profession", "gender") to one value per document, in document order.
+    The fingerprint covers ids and texts only: labels do not change the activations, so not the cache key.
+    """
 
     name: str
     texts: list[str]
     ids: list[str]
     provenance: dict = field(default_factory=dict)
+    labels: dict[str, list] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.ids):
             raise ValueError(f"corpus {self.name!r}: {len(self.texts)} texts but {len(self.ids)} ids.")
         if len(set(self.ids)) != len(self.ids):
             raise ValueError(f"corpus {self.name!r}: document ids must be unique.")
+        for key, values in self.labels.items():
+            if len(values) != len(self.texts):
+                raise ValueError(
+                    f"corpus {self.name!r}: label field {key!r} has {len(values)} values for {len(self.texts)} documents."
+                )
+
+    def label(self, key: str) -> list:
+        """The values of one label field, or a message naming the fields this corpus has."""
+        if key not in self.labels:
+            have = ", ".join(sorted(self.labels)) or "none"
+            raise KeyError(
+                f"corpus {self.name!r} has no label field {key!r} (its label fields: {have}); pick one of them "
+                "or load a data set that carries it."
+            )
+        return self.labels[key]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -87,14 +107,24 @@ class Corpus:
     ) -> Corpus:
         idx = list(indices)
         prov = dict(self.provenance) if provenance is None else provenance
-        return Corpus(name or self.name, [self.texts[i] for i in idx], [self.ids[i] for i in idx], prov)
+        labels = {k: [v[i] for i in idx] for k, v in self.labels.items()}
+        return Corpus(
+            name or self.name, [self.texts[i] for i in idx], [self.ids[i] for i in idx], prov, labels
+        )
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "fingerprint": self.fingerprint,
             "provenance": self.provenance,
-            "documents": [{"id": i, "text": t} for i, t in zip(self.ids, self.texts, strict=True)],
+            "documents": [
+                {
+                    "id": i,
+                    "text": t,
+                    **({"labels": {k: v[n] for k, v in self.labels.items()}} if self.labels else {}),
+                }
+                for n, (i, t) in enumerate(zip(self.ids, self.texts, strict=True))
+            ],
         }
 
     def save(self, path: str | Path) -> Path:
@@ -108,7 +138,11 @@ class Corpus:
     def load(cls, path: str | Path) -> Corpus:
         d = json.loads(Path(path).read_text())
         docs = d["documents"]
-        return cls(d["name"], [x["text"] for x in docs], [x["id"] for x in docs], d.get("provenance", {}))
+        keys = list(docs[0].get("labels", {})) if docs else []
+        labels = {k: [x["labels"][k] for x in docs] for k in keys}
+        return cls(
+            d["name"], [x["text"] for x in docs], [x["id"] for x in docs], d.get("provenance", {}), labels
+        )
 
 
 def concat(corpora: Iterable[Corpus], name: str | None = None) -> Corpus:
@@ -118,18 +152,22 @@ def concat(corpora: Iterable[Corpus], name: str | None = None) -> Corpus:
     `name` defaults to the parts' names joined by "+".
     """
     parts = list(corpora)
+    shared = set.intersection(*(set(c.labels) for c in parts)) if parts else set()
     texts, ids, seen = [], [], set()
+    labels: dict[str, list] = {k: [] for k in sorted(shared)}
     for c in parts:
-        for i, t in zip(c.ids, c.texts, strict=True):
+        for n, (i, t) in enumerate(zip(c.ids, c.texts, strict=True)):
             if i not in seen:
                 seen.add(i)
                 ids.append(i)
                 texts.append(t)
+                for k in labels:
+                    labels[k].append(c.labels[k][n])
     prov = {
         "concat": [{"name": c.name, "fingerprint": c.fingerprint, "docs": len(c)} for c in parts],
         "duplicates_dropped": sum(map(len, parts)) - len(ids),
     }
-    return Corpus(name or "+".join(c.name for c in parts), texts, ids, prov)
+    return Corpus(name or "+".join(c.name for c in parts), texts, ids, prov, labels)
 
 
 # ----------------------------------------------------------------------------------------- hashing/splits
@@ -535,12 +573,15 @@ def load_hf_corpus(
     filter_field: str | None = None,
     filter_contains: list[str] | None = None,
     streaming: bool = True,
+    label_fields: list[str] | None = None,
 ) -> Corpus:
     """An online corpus from the Hugging Face hub via `datasets` (e.g. OpenWebText, arXiv abstracts).
 
     Only `max_docs` documents are read (streamed). `filter_field`/`filter_contains` keep rows whose field
     contains any of the given substrings (e.g. arXiv categories "astro-ph", "hep-", "physics."). The
     split is whatever the dataset calls `split`; hash splits apply to offline corpora only.
+    `label_fields` are columns kept as per-document labels (`Corpus.labels`), e.g. ["profession", "gender"];
+    a row missing one stops with a message naming it.
     """
     try:
         import datasets
@@ -551,12 +592,25 @@ def load_hf_corpus(
             f"corpus: {sorted(CORPORA)}."
         ) from e
     texts, ids = [], []
+    labels: dict[str, list] = {str(k): [] for k in (label_fields or [])}
     try:
         ds = datasets.load_dataset(path, name, split=split, streaming=streaming)
         for i, row in enumerate(ds):
+            if text_field not in row:
+                raise KeyError(
+                    f"dataset {path!r} has no text field {text_field!r} (its fields: {sorted(row)})."
+                )
             if _keep_row(row, filter_field, filter_contains) and str(row[text_field]).strip():
+                missing = [k for k in labels if k not in row]
+                if missing:
+                    raise KeyError(
+                        f"dataset {path!r} has no field {missing[0]!r} (its fields: {sorted(row)}); set the "
+                        "label fields to columns it has."
+                    )
                 texts.append(str(row[text_field]).strip())
                 ids.append(f"{path}:{row[id_field] if id_field else i}")
+                for k in labels:
+                    labels[k].append(row[k])
                 if len(texts) >= max_docs:
                     break
     except (ConnectionError, OSError) as e:  # offline, unknown dataset, or a failed download
@@ -570,8 +624,9 @@ def load_hf_corpus(
         "split": split,
         "text_field": text_field,
         "max_docs": max_docs,
+        "label_fields": list(labels),
     }
-    return Corpus(path if name is None else f"{path}/{name}", texts, ids, prov)
+    return Corpus(path if name is None else f"{path}/{name}", texts, ids, prov, labels)
 
 
 def _keep_row(row: dict, field: str | None, contains: list[str] | None) -> bool:
