@@ -38,8 +38,8 @@ def latent_effects(
             f"latent effects need documents of both classes, got {acts_pos.shape[0]} positive and "
             f"{acts_neg.shape[0]} negative."
         )
-    diff = acts_pos.float().mean(0) - acts_neg.float().mean(0)
-    return diff * (W_dec.float() @ probe_w.float())
+    diff = acts_pos.detach().float().mean(0) - acts_neg.detach().float().mean(0)
+    return diff * (W_dec.detach().float() @ probe_w.detach().float())
 
 
 def top_latents(effects: Float[Tensor, " d_sae"], n: int, mode: str = "abs") -> list[int]:
