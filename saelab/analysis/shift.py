@@ -25,19 +25,58 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 
+def document_tokens(host, texts: Sequence[str], with_bos: bool = False) -> list[list[int]]:
+    """Each document's token ids as `document_activations` runs them (BOS only `with_bos`)."""
+    bos = getattr(host, "bos_id", None)
+    limit = int(getattr(host, "max_length", 128)) - (bos is not None)
+    out = []
+    for t in texts:
+        ids = list(host.tokenizer(t, add_special_tokens=False)["input_ids"])[:limit]
+        out.append(([int(bos)] if with_bos and bos is not None else []) + ids)
+    return out
+
+
+@torch.no_grad()
+def latent_top_tokens(
+    sae,
+    docs: Sequence[Tensor],
+    tokens: Sequence[Sequence[int]],
+    latents: Sequence[int],
+    decode,
+    act_scale: float = 1.0,
+    n: int = 6,
+) -> dict[int, list[str]]:
+    """{latent: the `n` distinct tokens of `docs` on which it activates most}; only the latents' columns kept."""
+    if not latents:
+        return {}
+    idx = torch.as_tensor(list(latents), dtype=torch.long)
+    dev = sae.W_dec.device
+    cols = torch.cat(
+        [sae((d * act_scale).to(dev)).codes[:, idx].float().cpu() for d in docs]
+    )  # (positions, L)
+    ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+    out = {}
+    for c, j in enumerate(latents):
+        order = cols[:, c].argsort(descending=True)
+        seen: set[int] = set()
+        words: list[str] = []
+        for i in order.tolist():
+            if float(cols[i, c]) <= 0 or len(words) >= n:
+                break
+            if int(ids[i]) not in seen:
+                seen.add(int(ids[i]))
+                words.append(decode(int(ids[i])))
+        out[int(j)] = words
+    return out
+
+
 @torch.no_grad()
 def document_activations(
     host, texts: Sequence[str], batch_size: int = 16, desc: str = "documents: host forwards"
 ) -> list[Float[Tensor, "t d_in"]]:
     """Each document's hook activations (its tokens up to the host's max_length; the BOS position left out)."""
-    tok = host.tokenizer
-    bos = getattr(host, "bos_id", None)
-    limit = int(getattr(host, "max_length", 128))
-    seqs = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        seqs.append(([int(bos)] if bos is not None else []) + list(ids)[: limit - (bos is not None)])
-    skip = 1 if bos is not None else 0
+    seqs = document_tokens(host, texts, with_bos=True)
+    skip = 1 if getattr(host, "bos_id", None) is not None else 0
     out: list[Tensor] = []
     for i in tqdm(range(0, len(seqs), batch_size), desc=desc, unit="batch", leave=False):
         chunk = seqs[i : i + batch_size]

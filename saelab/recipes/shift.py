@@ -34,7 +34,9 @@ from saelab.analysis.shift import (
     ablate,
     ablate_neurons,
     document_activations,
+    document_tokens,
     group_accuracy,
+    latent_top_tokens,
     pool,
     train_probe,
 )
@@ -129,6 +131,12 @@ def run(cfg: DictConfig) -> dict:
     y_amb, _ = _labels(splits.ambiguous, profs, gens)
     _, g_oth = _labels(others, profs, gens)
     acts = {n: pool(d).acts for n, d in docs.items()}
+    toks = document_tokens(host, others.texts)
+    assert all(len(t) == len(d) for t, d in zip(toks, docs["others"], strict=True))
+
+    def decode(i: int) -> str:
+        return repr(host.tokenizer.decode([i]))
+
     probe = train_probe(acts["ambiguous"], y_amb, seed=int(cfg.seed))
     gender_probe = train_probe(acts["others"], g_oth, seed=int(cfg.seed))
     rows = {"Original": _row(probe, acts["balanced"], splits.balanced, profs, gens)}
@@ -155,7 +163,11 @@ def run(cfg: DictConfig) -> dict:
             n_lat_sae = len(given)
         else:
             n_lat_sae = n_lat
-        chosen[name] = [{"latent": j, "effect": float(effects[j])} for j in order[:n_lat_sae]]
+        words = latent_top_tokens(sae, docs["others"], toks, order[:n_lat_sae], decode, scale)
+        chosen[name] = [
+            {"latent": j, "effect": float(effects[j]), "top_tokens": words.get(j, [])}
+            for j in order[:n_lat_sae]
+        ]
 
         def ablated(n: str, k: int, c=codes, sae=sae, order=order) -> torch.Tensor:
             return ablate(acts[n], c[n], sae.W_dec, order[:k])
@@ -220,9 +232,11 @@ def run(cfg: DictConfig) -> dict:
     report.add_figure("SCR vs number of ablated latents", fig)
     report.add_text(
         "Selected latents",
-        "\n".join(
-            f"- {n}: " + ", ".join(f"{c['latent']} ({c['effect']:+.3g})" for c in cs)
+        "Latent (effect on the gender probe): its top-activating tokens on the other professions' biographies.\n\n"
+        + "\n".join(
+            f"- {n} {c['latent']} ({c['effect']:+.3g}): {' '.join(c['top_tokens'])}"
             for n, cs in chosen.items()
+            for c in cs
         ),
     )
     report.add_text("Definitions", __doc__ or "")

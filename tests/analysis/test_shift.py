@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from saelab.analysis.shift import ablate, attribution, group_accuracy, pool, train_probe
+from saelab.analysis.shift import ablate, attribution, group_accuracy, latent_top_tokens, pool, train_probe
 from saelab.eval.scr import latent_effects, top_latents
 from saelab.sae import SAE, ReLU
 
@@ -113,3 +113,16 @@ def test_shift_selects_the_planted_gender_latents_and_removes_gender():
     # gender is gone from the ablated activations: a gender probe on them is at chance on the balanced set
     g_after = train_probe(bal_abl[: n // 2], gen_bal[: n // 2]).accuracy(bal_abl[n // 2 :], gen_bal[n // 2 :])
     assert g_after < 0.7
+
+
+def test_latent_top_tokens_ranks_distinct_tokens_by_activation():
+    sae = planted_sae()
+    # two documents; latent 1 (+e1) fires 3.0 on token 11, 2.0 on token 12 and again 1.0 on token 11
+    d1 = torch.zeros(3, D)
+    d1[:, 1] = torch.tensor([1.0, 3.0, -1.0])
+    d2 = torch.zeros(2, D)
+    d2[:, 1] = torch.tensor([2.0, 0.5])
+    tokens = [[11, 11, 13], [12, 14]]
+    out = latent_top_tokens(sae, [d1, d2], tokens, [1, 2], decode=str, n=3)
+    assert out[1] == ["11", "12", "14"]  # 11 once (its best, 3.0), then 12 (2.0), then 14 (0.5)
+    assert out[2] == ["13"]  # latent 2 (−e1) fires only where e1 < 0
