@@ -6,6 +6,8 @@ allocates and frees buffers far above that (batch 4096 × d_sae 16384 pre-activa
 step faults in and zeroes its working set anew: on 2 cores that was about a third of the step (compare
 `python -m saelab.bench --sections variants` with `SAELAB_MALLOC=default` in front). Raising both thresholds to 2 GiB lets the
 heap keep and reuse those blocks; the cost is that the resident size stays at its peak until the process ends.
+It does not always take: in about half of fresh processes here glibc still maps such a block afresh (not
+understood yet; `tests/test_allocator.py` measures it), and then the step is as slow as before.
 
 `keep_freed_memory()` is called once by the CLI and the benchmark; `SAELAB_MALLOC=default` leaves glibc's
 behaviour alone. Elsewhere (macOS, musl) it does nothing.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -85,3 +86,99 @@ def scr_curve(
 def accuracy(logits: Float[Tensor, " n"], labels: Tensor) -> float:
     """Binary accuracy of logits > 0 against 0/1 labels."""
     return float(((logits > 0).long() == labels.long()).float().mean()) if labels.numel() else math.nan
+
+
+class SCR:
+    """SCR(N) of an SAE on labelled biographies, as an evaluator (`eval/metrics=[..., scr]`) on text sources.
+
+    The host part (SHIFT's splits of `saelab.corpora.bios`, the documents' pooled activations, the profession
+    probe trained on the ambiguous set, the gender probe trained on the other professions' biographies, and the
+    oracle accuracy from a probe cross-fitted on the balanced set) is computed once per host and reused for
+    every SAE. Per SAE: the N latents of largest |effect| on the gender probe are zero-ablated through the
+    splice and the profession probe re-scored on the balanced set; metrics `scr_<N>` and `scr_base_acc`,
+    `scr_oracle_acc`. Formulas in the module docstring and `saelab.analysis.shift`.
+    """
+
+    name = "scr"
+
+    def __init__(
+        self,
+        source: str = "offline",
+        professions: Sequence[str] = ("musician", "actor"),
+        genders: Sequence[str] = ("male", "female"),
+        ns: Sequence[int] = (2, 5, 10, 20, 50),
+        others_max_docs: int = 600,
+        min_group: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.source, self.professions, self.genders = source, tuple(professions), tuple(genders)
+        self.ns, self.others_max_docs = sorted({int(n) for n in ns}), int(others_max_docs)
+        self.min_group, self.seed = int(min_group), int(seed)
+        self._memo: dict[int, dict] = {}
+
+    def applies_to(self, source) -> str | None:
+        host = getattr(source, "host", None)
+        if host is None or getattr(host, "tokenizer", None) is None:
+            return "needs a text source with a tokenizer host (data=text)"
+        return None
+
+    def host_part(self, host) -> dict:
+        key = id(host)
+        if key in self._memo:
+            return self._memo[key]
+        from saelab.analysis.shift import document_activations, pool, train_probe
+        from saelab.corpora.bios import load_bios, shift_splits
+        from saelab.corpora.text import _unit
+
+        bios = load_bios(self.source)
+        splits = shift_splits(
+            bios, self.professions, self.genders, min_group=self.min_group, split_seed=self.seed
+        )
+        rest = [i for i, p in enumerate(bios.label("profession")) if p not in self.professions]
+        rest = sorted(rest, key=lambda i: _unit("others", bios.ids[i]))[: self.others_max_docs]
+        others = bios.subset(sorted(rest), name="others")
+        sets = {"ambiguous": splits.ambiguous, "balanced": splits.balanced, "others": others}
+        docs = {n: document_activations(host, c.texts, desc=f"scr: {n} documents") for n, c in sets.items()}
+        acts = {n: pool(d).acts for n, d in docs.items()}
+        y = {n: _is(c.label("profession"), self.professions[1]) for n, c in sets.items()}
+        g = {n: _is(c.label("gender"), self.genders[1]) for n, c in sets.items()}
+        probe = train_probe(acts["ambiguous"], y["ambiguous"], seed=self.seed)
+        gender_probe = train_probe(acts["others"], g["others"], seed=self.seed)
+        half = torch.arange(len(y["balanced"])) % 2 == 0
+        oracle = [
+            train_probe(acts["balanced"][half == h], y["balanced"][half == h], seed=self.seed).accuracy(
+                acts["balanced"][half != h], y["balanced"][half != h]
+            )
+            for h in (True, False)
+        ]
+        part = {
+            "docs": docs, "acts": acts, "y": y, "g": g, "probe": probe, "gender_probe": gender_probe,
+            "base": probe.accuracy(acts["balanced"], y["balanced"]), "oracle": sum(oracle) / 2,
+        }  # fmt: skip
+        self._memo[key] = part
+        return part
+
+    @torch.no_grad()
+    def __call__(self, sae, source, out_dir):
+        from saelab.analysis.shift import ablate, pool
+        from saelab.eval.base import EvalResult
+
+        part = self.host_part(source.host)
+        scale = float(getattr(source, "act_scale", 1.0) or 1.0)
+        codes = {n: pool(part["docs"][n], sae, scale).codes for n in ("balanced", "others")}
+        g = part["g"]["others"]
+        assert codes["others"] is not None and codes["balanced"] is not None
+        effects = latent_effects(
+            codes["others"][g == 1], codes["others"][g == 0], part["gender_probe"].w, sae.W_dec
+        )
+        order = top_latents(effects, max(self.ns))
+        metrics = {"scr_base_acc": part["base"], "scr_oracle_acc": part["oracle"]}
+        for n in self.ns:
+            x = ablate(part["acts"]["balanced"], codes["balanced"], sae.W_dec, order[:n])
+            acc = part["probe"].accuracy(x, part["y"]["balanced"])
+            metrics[f"scr_{n}"] = scr_score(acc, part["base"], part["oracle"])
+        return EvalResult(metrics=metrics, data={"scr_latents": order})
+
+
+def _is(values: Sequence[str], positive: str) -> Tensor:
+    return torch.tensor([v == positive for v in values], dtype=torch.long)

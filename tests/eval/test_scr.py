@@ -54,3 +54,37 @@ def test_tpp_by_hand():
 
 def test_accuracy():
     assert accuracy(torch.tensor([1.0, -2.0, 0.5, -0.1]), torch.tensor([1, 0, 0, 0])) == 0.75
+
+
+def test_scr_evaluator_matches_the_shift_functions_on_a_tiny_host(tmp_path):
+    """The evaluator on a tiny offline LM and the real offline biographies: its SCR(N) equals the same steps
+    done by hand with saelab.analysis.shift, and the host part is computed once for two SAEs."""
+    from types import SimpleNamespace
+
+    from support import save_tiny_causal_lm
+
+    from saelab.analysis.shift import ablate, pool
+    from saelab.eval.scr import SCR
+    from saelab.hosts.causal_lm import CausalLMHost
+    from saelab.sae import SAE, TopK
+
+    host = CausalLMHost(
+        str(save_tiny_causal_lm(tmp_path / "lm", "llama", n_layers=2, hidden=32)), hook=1, d_in=32
+    )
+    source = SimpleNamespace(host=host, act_scale=1.0)
+    ev = SCR(ns=(2, 5), others_max_docs=60)
+    assert ev.applies_to(source) is None and ev.applies_to(SimpleNamespace()) is not None
+    sae = SAE(32, 64, TopK(4), seed=0).eval()
+    got = ev(sae, source, tmp_path).metrics
+    part = ev.host_part(host)
+    codes = {n: pool(part["docs"][n], sae).codes for n in ("balanced", "others")}
+    g = part["g"]["others"]
+    eff = latent_effects(codes["others"][g == 1], codes["others"][g == 0], part["gender_probe"].w, sae.W_dec)
+    for n in (2, 5):
+        x = ablate(part["acts"]["balanced"], codes["balanced"], sae.W_dec, top_latents(eff, n))
+        acc = part["probe"].accuracy(x, part["y"]["balanced"])
+        ref = scr_score(acc, part["base"], part["oracle"])
+        assert got[f"scr_{n}"] == pytest.approx(ref, nan_ok=True)
+    assert 0.0 <= got["scr_base_acc"] <= 1.0 and 0.0 <= got["scr_oracle_acc"] <= 1.0
+    ev(SAE(32, 64, TopK(4), seed=1).eval(), source, tmp_path)
+    assert len(ev._memo) == 1  # one host part for both SAEs
