@@ -182,3 +182,82 @@ class SCR:
 
 def _is(values: Sequence[str], positive: str) -> Tensor:
     return torch.tensor([v == positive for v in values], dtype=torch.long)
+
+
+class TPP:
+    """TPP(N) of an SAE on labelled biographies, as an evaluator (`eval/metrics=[..., tpp]`) on text sources.
+
+    Host part, once per host: up to `max_docs_per_class` documents of each profession in the data, split by
+    person into probe-training and test halves; one one-vs-rest probe per profession on the training half's
+    pooled activations. Per SAE and N: for each profession i, the N latents with the largest positive effect on
+    probe i (computed on the training half) are zero-ablated through the splice in the test half, and every
+    probe is re-scored there; `tpp_<N>` is the mean over professions of TPP_i (module docstring).
+    """
+
+    name = "tpp"
+
+    def __init__(
+        self,
+        source: str = "offline",
+        ns: Sequence[int] = (2, 5, 10, 20),
+        max_docs_per_class: int = 120,
+        seed: int = 0,
+    ) -> None:
+        self.source, self.ns = source, sorted({int(n) for n in ns})
+        self.max_docs_per_class, self.seed = int(max_docs_per_class), int(seed)
+        self._memo: dict[int, dict] = {}
+
+    applies_to = SCR.applies_to
+
+    def host_part(self, host) -> dict:
+        key = id(host)
+        if key in self._memo:
+            return self._memo[key]
+        from saelab.analysis.shift import document_activations, pool, train_probe
+        from saelab.corpora.bios import load_bios
+        from saelab.corpora.text import _unit, split_of
+
+        bios = load_bios(self.source)
+        prof = bios.label("profession")
+        classes = sorted(set(prof))
+        if len(classes) < 2:
+            raise ValueError(f"TPP needs two or more professions in {bios.name!r}, found {classes}.")
+        keep = []
+        for c in classes:
+            idx = sorted((i for i, p in enumerate(prof) if p == c), key=lambda i: _unit("tpp", bios.ids[i]))
+            keep += idx[: self.max_docs_per_class]
+        sub = bios.subset(sorted(keep), name="tpp")
+        who = sub.labels.get("person", sub.ids)
+        test = torch.tensor([split_of(w, 0.5, self.seed) == "test" for w in who])
+        docs = document_activations(host, sub.texts, desc="tpp: documents")
+        acts = pool(docs).acts
+        labels = sub.label("profession")
+        y = {c: _is(labels, c) for c in classes}
+        probes = {c: train_probe(acts[~test], y[c][~test], seed=self.seed) for c in classes}
+        clean = {c: probes[c].accuracy(acts[test], y[c][test]) for c in classes}
+        part = {"docs": docs, "acts": acts, "test": test, "y": y, "probes": probes, "clean": clean}
+        self._memo[key] = part
+        return part
+
+    @torch.no_grad()
+    def __call__(self, sae, source, out_dir):
+        from saelab.analysis.shift import ablate, pool
+        from saelab.eval.base import EvalResult
+
+        part = self.host_part(source.host)
+        scale = float(getattr(source, "act_scale", 1.0) or 1.0)
+        codes = pool(part["docs"], sae, scale).codes
+        assert codes is not None
+        test, acts, y, probes = part["test"], part["acts"], part["y"], part["probes"]
+        order = {}
+        for c in probes:
+            pos, neg = codes[~test & (y[c] == 1)], codes[~test & (y[c] == 0)]
+            order[c] = top_latents(latent_effects(pos, neg, probes[c].w, sae.W_dec), max(self.ns), "positive")
+        metrics, per_class = {}, {}
+        for n in self.ns:
+            ablated = {}
+            for i in probes:
+                x = ablate(acts[test], codes[test], sae.W_dec, order[i][:n])
+                ablated[i] = {j: probes[j].accuracy(x, y[j][test]) for j in probes}
+            metrics[f"tpp_{n}"], per_class[n] = tpp_score(part["clean"], ablated)
+        return EvalResult(metrics=metrics, data={"tpp_per_class": per_class, "tpp_latents": order})

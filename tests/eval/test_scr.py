@@ -88,3 +88,35 @@ def test_scr_evaluator_matches_the_shift_functions_on_a_tiny_host(tmp_path):
     assert 0.0 <= got["scr_base_acc"] <= 1.0 and 0.0 <= got["scr_oracle_acc"] <= 1.0
     ev(SAE(32, 64, TopK(4), seed=1).eval(), source, tmp_path)
     assert len(ev._memo) == 1  # one host part for both SAEs
+
+
+def test_tpp_evaluator_matches_the_functions_on_a_tiny_host(tmp_path):
+    from types import SimpleNamespace
+
+    from support import save_tiny_causal_lm
+
+    from saelab.analysis.shift import ablate, pool
+    from saelab.eval.scr import TPP
+    from saelab.hosts.causal_lm import CausalLMHost
+    from saelab.sae import SAE, TopK
+
+    host = CausalLMHost(
+        str(save_tiny_causal_lm(tmp_path / "lm", "llama", n_layers=2, hidden=32)), hook=1, d_in=32
+    )
+    source = SimpleNamespace(host=host, act_scale=1.0)
+    ev = TPP(ns=(2, 5), max_docs_per_class=16)
+    sae = SAE(32, 64, TopK(4), seed=0).eval()
+    got = ev(sae, source, tmp_path).metrics
+    part = ev.host_part(host)
+    assert len(part["probes"]) == 5  # the offline stand-in's five professions
+    codes = pool(part["docs"], sae).codes
+    test, y, probes = part["test"], part["y"], part["probes"]
+    for n in (2, 5):
+        ablated = {}
+        for i in probes:
+            eff = latent_effects(
+                codes[~test & (y[i] == 1)], codes[~test & (y[i] == 0)], probes[i].w, sae.W_dec
+            )
+            x = ablate(part["acts"][test], codes[test], sae.W_dec, top_latents(eff, n, "positive"))
+            ablated[i] = {j: probes[j].accuracy(x, y[j][test]) for j in probes}
+        assert got[f"tpp_{n}"] == pytest.approx(tpp_score(part["clean"], ablated)[0])
