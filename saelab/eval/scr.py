@@ -88,7 +88,32 @@ def accuracy(logits: Float[Tensor, " n"], labels: Tensor) -> float:
     return float(((logits > 0).long() == labels.long()).float().mean()) if labels.numel() else math.nan
 
 
-class SCR:
+class _BiosEvaluator:
+    """What SCR and TPP share: text sources only, and a host part computed once per host (`_part`)."""
+
+    name = ""
+    _memo: dict[int, dict]
+
+    def applies_to(self, source) -> str | None:
+        host = getattr(source, "host", None)
+        if host is None or getattr(host, "tokenizer", None) is None:
+            return "needs a text source with a tokenizer host (data=text)"
+        return None
+
+    def host_part(self, host) -> dict:
+        if id(host) not in self._memo:
+            self._memo[id(host)] = self._build(host)
+        return self._memo[id(host)]
+
+    def _build(self, host) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def _scale(source) -> float:
+        return float(getattr(source, "act_scale", 1.0) or 1.0)
+
+
+class SCR(_BiosEvaluator):
     """SCR(N) of an SAE on labelled biographies, as an evaluator (`eval/metrics=[..., scr]`) on text sources.
 
     The host part (SHIFT's splits of `saelab.corpora.bios`, the documents' pooled activations, the profession
@@ -116,16 +141,7 @@ class SCR:
         self.min_group, self.seed = int(min_group), int(seed)
         self._memo: dict[int, dict] = {}
 
-    def applies_to(self, source) -> str | None:
-        host = getattr(source, "host", None)
-        if host is None or getattr(host, "tokenizer", None) is None:
-            return "needs a text source with a tokenizer host (data=text)"
-        return None
-
-    def host_part(self, host) -> dict:
-        key = id(host)
-        if key in self._memo:
-            return self._memo[key]
+    def _build(self, host) -> dict:
         from saelab.analysis.shift import document_activations, pool, train_probe
         from saelab.corpora.bios import load_bios, shift_splits
         from saelab.corpora.text import _unit
@@ -151,12 +167,10 @@ class SCR:
             )
             for h in (True, False)
         ]
-        part = {
+        return {
             "docs": docs, "acts": acts, "y": y, "g": g, "probe": probe, "gender_probe": gender_probe,
             "base": probe.accuracy(acts["balanced"], y["balanced"]), "oracle": sum(oracle) / 2,
         }  # fmt: skip
-        self._memo[key] = part
-        return part
 
     @torch.no_grad()
     def __call__(self, sae, source, out_dir):
@@ -164,8 +178,7 @@ class SCR:
         from saelab.eval.base import EvalResult
 
         part = self.host_part(source.host)
-        scale = float(getattr(source, "act_scale", 1.0) or 1.0)
-        codes = {n: pool(part["docs"][n], sae, scale).codes for n in ("balanced", "others")}
+        codes = {n: pool(part["docs"][n], sae, self._scale(source)).codes for n in ("balanced", "others")}
         g = part["g"]["others"]
         assert codes["others"] is not None and codes["balanced"] is not None
         effects = latent_effects(
@@ -184,7 +197,7 @@ def _is(values: Sequence[str], positive: str) -> Tensor:
     return torch.tensor([v == positive for v in values], dtype=torch.long)
 
 
-class TPP:
+class TPP(_BiosEvaluator):
     """TPP(N) of an SAE on labelled biographies, as an evaluator (`eval/metrics=[..., tpp]`) on text sources.
 
     Host part, once per host: up to `max_docs_per_class` documents of each profession in the data, split by
@@ -207,12 +220,7 @@ class TPP:
         self.max_docs_per_class, self.seed = int(max_docs_per_class), int(seed)
         self._memo: dict[int, dict] = {}
 
-    applies_to = SCR.applies_to
-
-    def host_part(self, host) -> dict:
-        key = id(host)
-        if key in self._memo:
-            return self._memo[key]
+    def _build(self, host) -> dict:
         from saelab.analysis.shift import document_activations, pool, train_probe
         from saelab.corpora.bios import load_bios
         from saelab.corpora.text import _unit, split_of
@@ -235,9 +243,7 @@ class TPP:
         y = {c: _is(labels, c) for c in classes}
         probes = {c: train_probe(acts[~test], y[c][~test], seed=self.seed) for c in classes}
         clean = {c: probes[c].accuracy(acts[test], y[c][test]) for c in classes}
-        part = {"docs": docs, "acts": acts, "test": test, "y": y, "probes": probes, "clean": clean}
-        self._memo[key] = part
-        return part
+        return {"docs": docs, "acts": acts, "test": test, "y": y, "probes": probes, "clean": clean}
 
     @torch.no_grad()
     def __call__(self, sae, source, out_dir):
@@ -245,8 +251,7 @@ class TPP:
         from saelab.eval.base import EvalResult
 
         part = self.host_part(source.host)
-        scale = float(getattr(source, "act_scale", 1.0) or 1.0)
-        codes = pool(part["docs"], sae, scale).codes
+        codes = pool(part["docs"], sae, self._scale(source)).codes
         assert codes is not None
         test, acts, y, probes = part["test"], part["acts"], part["y"], part["probes"]
         order = {}
