@@ -5,8 +5,10 @@ Stages (parameters in `conf/recipe/shift.yaml`):
   1. data:   labelled biographies (`saelab.corpora.bios`: offline stand-in or LabHC/bias_in_bios), SHIFT's
              ambiguous training set and balanced test set for `professions` × `genders`, and the biographies
              of every other profession (gender-probe training; never tested on);
-  2. `gsae`: a BatchTopK SAE on general text (`cfg.data`); `ssae`: the GSAE fine-tuned on biography text
-             (the ambiguous set and the other professions' biographies; the balanced test set never);
+  2. `gsae`: a BatchTopK SAE on general text (`cfg.data`); `ssae`: the GSAE fine-tuned on biography text: the
+             documents dense retrieval (the ssae recipe's, `ssae.selection`) finds in the general pool from the
+             ambiguous training bios as seeds, plus the training bios and the other professions' biographies
+             (the balanced test set never);
   3. probes on mean-pooled hook activations (`saelab.analysis.shift`): the profession probe on the ambiguous
              set (early stopping on a held-out fifth), the gender probe on the other professions' biographies,
              the oracle (profession probe trained on balanced data, two-fold cross-fitted on the test set);
@@ -41,6 +43,7 @@ from saelab.analysis.shift import (
     train_probe,
 )
 from saelab.corpora.bios import load_bios, shift_splits
+from saelab.corpora.selection import select_methods
 from saelab.corpora.text import _unit, concat, split_of
 from saelab.eval.scr import latent_effects, scr_score, top_latents
 from saelab.io import load_sae
@@ -105,17 +108,19 @@ def run(cfg: DictConfig) -> dict:
     host = general.host
     gsae = train_stage(cfg, run_dir, "gsae", datamodule=general)
     assert gsae.export is not None, "the gsae stage exports its SAE"
+    s_cfg = rc.ssae
     o_val = others.subset(
         [i for i, d in enumerate(others.ids) if split_of(d, 0.2, 0) == "test"], name="bios_val"
     )
-    bio_train = concat(
-        [splits.ambiguous, others.subset([i for i, d in enumerate(others.ids) if d not in set(o_val.ids)])]
-    )
-    s = rc.ssae
-    ft = finetune_cfg(cfg, gsae.export, cfg.objective.terms, int(s.max_steps), float(s.lr))
-    bio = text_data(
-        cfg, bio_train, o_val, host=host, train_tokens=int(s.train_tokens), val_tokens=int(s.val_tokens)
-    )
+    # the SSAE's text: biographies retrieved from the general pool by dense retrieval seeded with the ambiguous
+    # training bios (the ssae recipe's selection), plus the training biographies themselves
+    sel = plain(s_cfg.selection)
+    retrieved, selection = select_methods(splits.ambiguous, corpus, out_dir=run_dir / "select", **sel)
+    o_train = others.subset([i for i, d in enumerate(others.ids) if d not in set(o_val.ids)])
+    bio_train = concat([retrieved[sel["methods"][0]], splits.ambiguous, o_train], name="bios+retrieved")
+    ft = finetune_cfg(cfg, gsae.export, cfg.objective.terms, int(s_cfg.max_steps), float(s_cfg.lr))
+    sizes = {"train_tokens": int(s_cfg.train_tokens), "val_tokens": int(s_cfg.val_tokens)}
+    bio = text_data(cfg, bio_train, o_val, host=host, **sizes)
     ssae = train_stage(ft, run_dir, "ssae", datamodule=bio)
     if not gsae.is_global_zero:
         return {}
@@ -245,5 +250,6 @@ def run(cfg: DictConfig) -> dict:
     report.add_data("splits", splits.counts).add_data("rows", rows).add_data("scr", scr).add_data(
         "selected", chosen
     )
+    report.add_data("selection", selection)
     report.add_data("probe_epochs", {"profession": probe.epochs, "gender": gender_probe.epochs})
     return finish(cfg, report)
