@@ -16,13 +16,15 @@ used to choose them. The neuron skyline applies the same selection to host dimen
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from saelab.hosts.base import right_padded
 
 
 def document_tokens(host, texts: Sequence[str], with_bos: bool = False) -> list[list[int]]:
@@ -80,12 +82,7 @@ def document_activations(
     out: list[Tensor] = []
     for i in tqdm(range(0, len(seqs), batch_size), desc=desc, unit="batch", leave=False):
         chunk = seqs[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), int(host.pad_id), dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, : len(s)] = torch.tensor(s)
-            att[j, : len(s)] = 1
+        ids, att = right_padded(chunk, host.pad_id)
         h = host.activations(ids, att).float().cpu()
         out.extend(h[j, skip : len(s)] for j, s in enumerate(chunk))
     return out
@@ -201,19 +198,15 @@ def train_probe(
 
 
 def group_accuracy(
-    probe: Probe, x: Tensor, target: Sequence[str], spurious: Sequence[str], positive: str
+    logits: Tensor, target: Sequence[str], spurious: Sequence[str], positive: str
 ) -> dict[str, float]:
-    """Accuracy of `probe` (positive class `positive`) overall and in every (target, spurious) group, with the
-    worst group's."""
+    """Accuracy of a probe's `logits` (> 0: class `positive`) overall and in every (target, spurious) group,
+    with the worst group's."""
     y = torch.tensor([t == positive for t in target], dtype=torch.long)
-    pred = (probe.logits(x) > 0).long()
+    pred = (logits > 0).long()
     out = {"accuracy": float((pred == y).float().mean())}
     for key in sorted(set(zip(target, spurious, strict=True))):
         m = torch.tensor([(t, s) == key for t, s in zip(target, spurious, strict=True)])
         out[f"{key[0]}/{key[1]}"] = float((pred[m] == y[m]).float().mean())
     out["worst_group"] = min(v for k, v in out.items() if "/" in k)
     return out
-
-
-def summary_rows(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> list[list[str]]:
-    return [[name, *(f"{r.get(c, math.nan):.3f}" for c in columns)] for name, r in rows.items()]

@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 
 from saelab.assets import package_file
-from saelab.corpora.text import Corpus, _asset, _jsonl, _short_hash, split_of
+from saelab.corpora.text import Corpus, _asset, _jsonl, _short_hash, _unit, split_of
 
 # LabHC/bias_in_bios profession ids (the data set's ClassLabel order)
 BIOS_PROFESSIONS = (
@@ -251,6 +251,14 @@ def shift_splits(
         "balanced": {f"{p}/{g}": n_test for p in professions for g in genders},
     }
     return ShiftSplits(amb, bal, (a, b), (x, y), counts)
+
+
+def other_professions(corpus: Corpus, professions: Sequence[str], max_docs: int | None = None) -> Corpus:
+    """The documents of every profession but `professions` (at most `max_docs`, in a hash order of their ids):
+    labelled text outside a SHIFT study's pair, for probes that must not see its test set."""
+    rest = [i for i, p in enumerate(corpus.label("profession")) if p not in professions]
+    rest = sorted(rest, key=lambda i: _unit("others", corpus.ids[i]))[:max_docs]
+    return corpus.subset(sorted(rest), name="others")
 
 
 def load_bios(source: str = "offline", **kwargs) -> Corpus:

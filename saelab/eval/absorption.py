@@ -73,6 +73,7 @@ from tqdm.auto import tqdm
 
 from saelab.analysis.absorption import synthetic_absorption
 from saelab.eval.base import EvalResult
+from saelab.hosts.base import right_padded
 from saelab.types import SAELike
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -225,12 +226,7 @@ def word_activations(
     try:
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), int(host.pad_id), dtype=torch.long)
-            att = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, : len(s)] = torch.tensor(s)
-                att[j, : len(s)] = 1
+            ids, att = right_padded(chunk, host.pad_id)
             h = host.activations(
                 ids, att
             )  # (B, T, d_in); padding sits after each word, out of its causal past

@@ -143,16 +143,13 @@ class SCR(_BiosEvaluator):
 
     def _build(self, host) -> dict:
         from saelab.analysis.shift import document_activations, pool, train_probe
-        from saelab.corpora.bios import load_bios, shift_splits
-        from saelab.corpora.text import _unit
+        from saelab.corpora.bios import load_bios, other_professions, shift_splits
 
         bios = load_bios(self.source)
         splits = shift_splits(
             bios, self.professions, self.genders, min_group=self.min_group, split_seed=self.seed
         )
-        rest = [i for i, p in enumerate(bios.label("profession")) if p not in self.professions]
-        rest = sorted(rest, key=lambda i: _unit("others", bios.ids[i]))[: self.others_max_docs]
-        others = bios.subset(sorted(rest), name="others")
+        others = other_professions(bios, self.professions, self.others_max_docs)
         sets = {"ambiguous": splits.ambiguous, "balanced": splits.balanced, "others": others}
         docs = {n: document_activations(host, c.texts, desc=f"scr: {n} documents") for n, c in sets.items()}
         acts = {n: pool(d).acts for n, d in docs.items()}

@@ -14,7 +14,7 @@ model's main layer list). A wrong name fails with the list of valid ones.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,17 @@ from torch import Tensor, nn
 
 class StopForward(Exception):
     """Raised by a hook to end a forward pass once the activations of interest are captured."""
+
+
+def right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id rows right-padded to the longest with `pad_id`, and their attention mask (1 on real tokens)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        att[j, : len(s)] = 1
+    return ids, att
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

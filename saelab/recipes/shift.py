@@ -42,9 +42,9 @@ from saelab.analysis.shift import (
     pool,
     train_probe,
 )
-from saelab.corpora.bios import load_bios, shift_splits
+from saelab.corpora.bios import load_bios, other_professions, shift_splits
 from saelab.corpora.selection import select_methods
-from saelab.corpora.text import _unit, concat, split_of
+from saelab.corpora.text import concat, split_of
 from saelab.eval.scr import latent_effects, scr_score, top_latents
 from saelab.io import load_sae
 from saelab.report import Report, summary_table
@@ -61,9 +61,13 @@ def _labels(corpus, professions, genders) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _row(probe: Probe, x: torch.Tensor, corpus, professions, genders) -> dict[str, float]:
-    y, g = _labels(corpus, professions, genders)
-    groups = group_accuracy(probe, x, corpus.label("profession"), corpus.label("gender"), professions[1])
-    pred = (probe.logits(x) > 0).long()
+    return _scores(probe.logits(x), corpus, professions, genders)
+
+
+def _scores(logits: torch.Tensor, corpus, professions, genders) -> dict[str, float]:
+    _, g = _labels(corpus, professions, genders)
+    groups = group_accuracy(logits, corpus.label("profession"), corpus.label("gender"), professions[1])
+    pred = (logits > 0).long()
     return {
         "profession_acc": groups.pop("accuracy"),
         "gender_acc": float((pred == g).float().mean()),
@@ -78,16 +82,7 @@ def _oracle(x: torch.Tensor, corpus, professions, genders, seed: int) -> dict[st
     logits = torch.empty(len(y))
     for f in (True, False):
         logits[fold == f] = train_probe(x[fold != f], y[fold != f], seed=seed).logits(x[fold == f])
-    probe = _FixedLogits(logits)
-    return _row(probe, x, corpus, professions, genders)  # type: ignore[arg-type]
-
-
-class _FixedLogits:
-    def __init__(self, logits: torch.Tensor) -> None:
-        self._z = logits
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._z
+    return _scores(logits, corpus, professions, genders)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -96,9 +91,7 @@ def run(cfg: DictConfig) -> dict:
     bios = load_bios(rc.source, **plain(rc.source_args) if rc.get("source_args") else {})
     splits = shift_splits(bios, profs, gens, min_group=int(rc.min_group), split_seed=int(cfg.seed))
     print(f"SHIFT splits of {bios.name} ({len(bios)} documents):\n{splits.summary()}", flush=True)
-    rest = [i for i, p in enumerate(bios.label("profession")) if p not in profs]
-    rest = sorted(rest, key=lambda i: _unit("others", bios.ids[i]))[: rc.others_max_docs]  # a hash order
-    others = bios.subset(sorted(rest), name="others")
+    others = other_professions(bios, profs, rc.others_max_docs)
     if len(set(others.label("gender"))) < 2:
         raise ValueError("the gender probe needs biographies of both genders outside the two professions.")
 

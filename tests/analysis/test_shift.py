@@ -96,7 +96,7 @@ def test_shift_selects_the_planted_gender_latents_and_removes_gender():
     names_p = ["b" if p else "a" for p in prof_bal.tolist()]
     names_g = ["f" if s else "m" for s in gen_bal.tolist()]
     probe = train_probe(amb.acts, y_amb)
-    before = group_accuracy(probe, bal.acts, names_p, names_g, "b")
+    before = group_accuracy(probe.logits(bal.acts), names_p, names_g, "b")
     # the biased probe leans on gender: a group where gender disagrees with profession is below chance
     assert before["worst_group"] < 0.5
 
@@ -108,7 +108,7 @@ def test_shift_selects_the_planted_gender_latents_and_removes_gender():
     amb_abl = ablate(amb.acts, amb.codes, sae.W_dec, chosen)
     bal_abl = ablate(bal.acts, bal.codes, sae.W_dec, chosen)
     retrained = train_probe(amb_abl, y_amb)
-    after = group_accuracy(retrained, bal_abl, names_p, names_g, "b")
+    after = group_accuracy(retrained.logits(bal_abl), names_p, names_g, "b")
     assert after["worst_group"] > 0.8 and after["accuracy"] > 0.85
     # gender is gone from the ablated activations: a gender probe on them is at chance on the balanced set
     g_after = train_probe(bal_abl[: n // 2], gen_bal[: n // 2]).accuracy(bal_abl[n // 2 :], gen_bal[n // 2 :])
