@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from saelab.allocator import keep_freed_memory
+from saelab.lit import end_distributed
 from saelab.train import apply_debug
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,8 @@ def main(cfg: DictConfig):
             raise
         print(f"saelab: error: {friendly_error(e)}\n(set SAELAB_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    finally:
+        end_distributed()  # under DDP every rank leaves its process group before exit
     metric = cfg.get("optimized_metric")
     if metric and isinstance(results, dict):
         value = results.get("metrics", {}).get(metric)

@@ -31,6 +31,16 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def end_distributed() -> None:
+    """Destroy the default process group, if one is up, before the interpreter exits.
+
+    A gloo group left to interpreter shutdown can abort a rank whose work is all done ("terminate called
+    without an active exception", SIGABRT), which a scheduler then reports as a failed job.
+    """
+    if _distributed():
+        torch.distributed.destroy_process_group()
+
+
 def _gather_rows(x: Tensor) -> Tensor:
     """The rows of every rank's x, concatenated in rank order (ranks may hold different row counts)."""
     dist = torch.distributed

@@ -1,7 +1,8 @@
 """Latent ablation on a recommender's user representation: zero or boost one SAE latent and re-rank.
 
 RecSAE (arXiv:2411.06112): manipulating a concept latent should change the recommendations in the
-direction of its concept. For user vectors u with codes z = f(u) and a latent j:
+direction of its concept. For user vectors u with codes z = f(u) and a latent j (`saelab.edit.LatentEdit`,
+zero or clamp):
 
     zero:  z'_j = 0              boost:  z'_j = max(z_j, value)
     u'   = u + (D(z') − D(z))    (keep_error: the SAE's reconstruction error stays in place)
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from saelab.analysis import plots
 from saelab.analysis.concepts import ConceptLatent, dense_codes
+from saelab.edit import LatentEdit
 from saelab.hosts.ranking import top_k_items
 
 
@@ -57,16 +59,13 @@ def ablate_latent(
         raise ValueError(f"ablation mode must be 'zero' or 'boost', got {mode!r}.")
     if mode == "boost" and value is None:
         raise ValueError("boost ablation needs a value (e.g. the latent's typical activation).")
-    floor = 0.0 if value is None else float(value)  # the boost's z'_j = max(z_j, value); unused by "zero"
-    if not 0 <= latent < sae.d_sae:
-        raise ValueError(f"latent {latent} is out of range 0..{sae.d_sae - 1}.")
+    # the boost's z'_j = max(z_j, value) is the edit's clamp
+    edit = LatentEdit(sae, [latent], "zero" if mode == "zero" else "clamp", value)
     reps = reps.to(sae.W_dec.dtype)
     z = sae.encode(reps)  # (n, d_sae)
-    z2 = z.clone()
-    z2[:, latent] = 0.0 if mode == "zero" else z[:, latent].clamp_min(floor)
     base = reps if keep_error else sae.decode(z)
     # D(z') − D(z) only differs in latent j: (z'_j − z_j)·W_dec[j], exactly 0 where nothing changed
-    moved = base + (z2[:, latent] - z[:, latent])[:, None] * sae.W_dec[latent][None]
+    moved = base + edit.delta_from_codes(z)
     before = top_k_items(score_fn(base), k, exclude)  # (n, k)
     after = top_k_items(score_fn(moved), k, exclude)
     concept_items = concept_items.to(before.device)

@@ -2,14 +2,10 @@
 
 Villegas Garcia & Ansuini (arXiv:2502.09135) shortlist latents enriched for an annotation (zinc
 finger) and intervene on them while ESM-2 generates; 24 of 180 steered trials matched zinc-finger
-motifs. The intervention here (the paper's exact one is unpublished):
-
-  at the hook, per residue position: f = SAE.encode(s·h); f'_S = max(f_S, c·m_S) ("clamp") or
-  f'_S = c·m_S ("set") for the selected latents S, with m_S their maximum activation on the data;
-  h' = h + (f'_S − f_S) W_dec[S] / s.
-
-Because the decoder is linear this equals decode(f') + (s·h − decode(f)) (the SAE error is kept), and
-with c = 0 in clamp mode it is exactly the identity (f ≥ 0). Generation starts from an all-mask (or
+motifs. The intervention here (the paper's exact one is unpublished) is
+`saelab.edit.LatentEdit` at every residue position: f = SAE.encode(s·h); f'_S = max(f_S, c·m_S) ("clamp")
+or f'_S = c·m_S ("set") for the selected latents S, with m_S their maximum activation on the data;
+h' = h + (f'_S − f_S) W_dec[S] / s (the SAE error kept; with c = 0 in clamp mode, exactly the identity). Generation starts from an all-mask (or
 partly masked seed) sequence and, over R rounds, unmasks a random share of the masked positions,
 sampling each from softmax(logits / T) over the 20 amino acids.
 
@@ -35,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saelab.analysis.enrichment import EnrichmentResult
+from saelab.edit import LatentEdit
 from saelab.hosts.masked_lm import MaskedLMHost
 from saelab.types import SAELike
 
@@ -88,49 +85,6 @@ def scorer_for(annotation: str, scorers: Mapping[str, Scorer] = SCORERS) -> Scor
     return scorers[base]
 
 
-class LatentClamp:
-    """The steering intervention at the hook (see module docstring); call it on the hook output h.
-
-    Args:
-        sae: the trained SAE (on activations scaled by `scale`).
-        latents: the latents S to steer.
-        values: their target activations c·m_S (SAE units), one per latent or one for all.
-        scale: the activation scale s the SAE was trained with.
-        mode: "clamp" (f_S ← max(f_S, v)) or "set" (f_S ← v).
-    """
-
-    def __init__(
-        self,
-        sae,
-        latents: Sequence[int],
-        values: Sequence[float] | float,
-        scale: float = 1.0,
-        mode: str = "clamp",
-    ) -> None:
-        if mode not in ("clamp", "set"):
-            raise ValueError(f"steering mode must be 'clamp' or 'set', got {mode!r}.")
-        self.sae, self.scale, self.mode = sae, float(scale), mode
-        self.latents = torch.as_tensor(list(latents), dtype=torch.long)
-        v = torch.as_tensor(values, dtype=torch.float32)
-        self.values = v.expand(len(self.latents)) if v.ndim == 0 else v
-        if self.values.shape != self.latents.shape:
-            raise ValueError(f"{len(self.latents)} latents but {self.values.numel()} clamp values.")
-        self.positions: torch.Tensor | None = None  # [batch, seq] bool; None → every position
-
-    @torch.no_grad()
-    def __call__(self, h: Float[Tensor, "batch seq d_in"]) -> Float[Tensor, "batch seq d_in"]:
-        if len(self.latents) == 0:
-            return h
-        x = h.reshape(-1, h.shape[-1]).float() * self.scale  # [batch*seq, d_in]
-        f = self.sae.encode(x)[:, self.latents]  # [batch*seq, |S|]
-        v = self.values.to(f)
-        new = torch.maximum(f, v) if self.mode == "clamp" else v.expand_as(f)
-        delta = (new - f) @ self.sae.W_dec[self.latents]  # [batch*seq, d_in]
-        if self.positions is not None:
-            delta = delta * self.positions.reshape(-1, 1).to(delta)
-        return h + (delta / self.scale).reshape(h.shape).to(h.dtype)
-
-
 @torch.no_grad()
 def generate(
     host: MaskedLMHost,
@@ -139,7 +93,7 @@ def generate(
     rounds: int = 10,
     temperature: float = 1.0,
     seed: int = 0,
-    intervention: LatentClamp | None = None,
+    intervention: LatentEdit | None = None,
     seed_sequence: str | None = None,
     seed_mask_fraction: float = 0.5,
     batch_size: int = 16,
@@ -259,8 +213,8 @@ def steering_sweep(
       S_a = the first `n_latents` of `enrichment.ranked(a, threshold_index, alpha, by=select, min_support)`
             (latents with BH q < alpha at τ = thresholds[threshold_index], active on ≥ `min_support`
             annotated residues, best `select` ∈ {precision, f1} first);
-      for each strength c: `n` sequences from `generate` under `LatentClamp(sae, S_a, c·m_S, act_scale,
-            mode)`, m_j = `max_activation[j]` (the latent's largest activation on the data, SAE units);
+      for each strength c: `n` sequences from `generate` under `LatentEdit(sae, S_a, mode, c·m_S,
+            scale=act_scale)`, m_j = `max_activation[j]` (the latent's largest activation on the data, SAE units);
       baseline: `n` sequences from `generate` with no intervention, generated once for all targets.
 
     Every condition uses the same `seed`, so in clamp mode c = 0 reproduces the baseline exactly. Each
@@ -299,7 +253,7 @@ def steering_sweep(
                 "steered": {},
             }
             for c in strengths:
-                clamp = LatentClamp(sae, latents, [float(c) * m for m in maxima], act_scale, mode)
+                clamp = LatentEdit(sae, latents, mode, [float(c) * m for m in maxima], scale=act_scale)
                 seqs = generate(host, intervention=clamp, **gen)
                 sc = score_generations(seqs, target, scorers)
                 sc["p_vs_baseline"] = compare(sc, entry["baseline"])

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saelab.edit import LatentEdit
 from saelab.hosts.base import right_padded
 
 
@@ -117,14 +118,15 @@ def attribution(
 def ablate(
     acts: Float[Tensor, "n d_in"],
     codes: Float[Tensor, "n d_sae"],
-    W_dec: Float[Tensor, "d_sae d_in"],
+    sae,
     latents: Sequence[int],
 ) -> Float[Tensor, "n d_in"]:
-    """The pooled activations with `latents` zero-ablated in the splice (error term kept)."""
-    if not len(latents):
-        return acts.clone()
-    idx = torch.as_tensor(list(latents), dtype=torch.long)
-    return acts - codes[:, idx] @ W_dec.detach().float()[idx]
+    """The pooled activations with `latents` zero-ablated in the splice (error term kept).
+
+    The splice's zero edit (`saelab.edit.LatentEdit`) is linear in the codes, so on pooled codes in host
+    units (`pool`) it is the pooled splice: acts − Σ_{j∈S} codes_j d_j.
+    """
+    return acts.float() + LatentEdit(sae, latents, "zero").delta_from_codes(codes.float()).float()
 
 
 def ablate_neurons(acts: Float[Tensor, "n d_in"], neurons: Sequence[int]) -> Float[Tensor, "n d_in"]:

@@ -184,7 +184,7 @@ class SCR(_BiosEvaluator):
         order = top_latents(effects, max(self.ns))
         metrics = {"scr_base_acc": part["base"], "scr_oracle_acc": part["oracle"]}
         for n in self.ns:
-            x = ablate(part["acts"]["balanced"], codes["balanced"], sae.W_dec, order[:n])
+            x = ablate(part["acts"]["balanced"], codes["balanced"], sae, order[:n])
             acc = part["probe"].accuracy(x, part["y"]["balanced"])
             metrics[f"scr_{n}"] = scr_score(acc, part["base"], part["oracle"])
         return EvalResult(metrics=metrics, data={"scr_latents": order})
@@ -259,7 +259,7 @@ class TPP(_BiosEvaluator):
         for n in self.ns:
             ablated = {}
             for i in probes:
-                x = ablate(acts[test], codes[test], sae.W_dec, order[i][:n])
+                x = ablate(acts[test], codes[test], sae, order[i][:n])
                 ablated[i] = {j: probes[j].accuracy(x, y[j][test]) for j in probes}
             metrics[f"tpp_{n}"], per_class[n] = tpp_score(part["clean"], ablated)
         return EvalResult(metrics=metrics, data={"tpp_per_class": per_class, "tpp_latents": order})

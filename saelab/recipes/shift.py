@@ -168,7 +168,7 @@ def run(cfg: DictConfig) -> dict:
         ]
 
         def ablated(n: str, k: int, c=codes, sae=sae, order=order) -> torch.Tensor:
-            return ablate(acts[n], c[n], sae.W_dec, order[:k])
+            return ablate(acts[n], c[n], sae, order[:k])
 
         bal, amb = ablated("balanced", n_lat_sae), ablated("ambiguous", n_lat_sae)
         rows[f"{name} SHIFT"] = _row(probe, bal, splits.balanced, profs, gens)

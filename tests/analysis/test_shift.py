@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from saelab.analysis.shift import ablate, attribution, group_accuracy, latent_top_tokens, pool, train_probe
+from saelab.edit import LatentEdit
 from saelab.eval.scr import latent_effects, top_latents
 from saelab.sae import SAE, ReLU
 
@@ -75,7 +76,18 @@ def test_ablating_no_latent_changes_nothing():
     sae = planted_sae()
     docs = documents(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]), seed=1)
     p = pool(docs, sae)
-    assert torch.equal(ablate(p.acts, p.codes, sae.W_dec, []), p.acts)
+    assert torch.equal(ablate(p.acts, p.codes, sae, []), p.acts)
+
+
+def test_pooled_ablation_is_the_pooled_splice_edit():
+    """ablate on pooled codes = mean over positions of the zero edit spliced at every position (act scale s)."""
+    sae = SAE(D, 12, ReLU(), seed=3).eval()
+    docs = documents(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]), seed=2)
+    s, latents = 1.7, [0, 4, 9]
+    p = pool(docs, sae, act_scale=s)
+    spliced = torch.stack([LatentEdit(sae, latents, "zero", scale=s)(d).mean(0) for d in docs])
+    torch.testing.assert_close(ablate(p.acts, p.codes, sae, latents), spliced, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(spliced, p.acts)
 
 
 def test_shift_selects_the_planted_gender_latents_and_removes_gender():
@@ -105,8 +117,8 @@ def test_shift_selects_the_planted_gender_latents_and_removes_gender():
     assert sorted(chosen) == [1, 2]  # the planted gender latents
 
     # ablated through the splice, then the probe retrained on the ablated ambiguous set (SHIFT + retrain)
-    amb_abl = ablate(amb.acts, amb.codes, sae.W_dec, chosen)
-    bal_abl = ablate(bal.acts, bal.codes, sae.W_dec, chosen)
+    amb_abl = ablate(amb.acts, amb.codes, sae, chosen)
+    bal_abl = ablate(bal.acts, bal.codes, sae, chosen)
     retrained = train_probe(amb_abl, y_amb)
     after = group_accuracy(retrained.logits(bal_abl), names_p, names_g, "b")
     assert after["worst_group"] > 0.8 and after["accuracy"] > 0.85

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from support import SENTENCES
 
-from saelab.lit import LitSAE, batch_acts
+from saelab.lit import LitSAE, batch_acts, end_distributed
 from saelab.objectives import MSE, Objective
 from saelab.sae import SAE, BatchTopK
 from saelab.types import SAEOutput
@@ -124,11 +124,16 @@ def main() -> None:
     torch.set_num_threads(1)
     # one process group for all the fits (Lightning uses an initialised one as it is)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    torch.save(helpers(rank), out / f"helpers.rank{rank}.pt")
-    for name, make in datamodules(assets).items():
-        pl.seed_everything(0, verbose=False)
-        digests, state = train(make(), steps)
-        torch.save({"batches": digests, "state": state}, out / f"{name}.rank{rank}.pt")
+    try:
+        torch.save(helpers(rank), out / f"helpers.rank{rank}.pt")
+        for name, make in datamodules(assets).items():
+            pl.seed_everything(0, verbose=False)
+            digests, state = train(make(), steps)
+            torch.save({"batches": digests, "state": state}, out / f"{name}.rank{rank}.pt")
+    finally:
+        # a gloo group left for interpreter shutdown can abort the process ("terminate called without an
+        # active exception") after all its work is done
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_scr_evaluator_matches_the_shift_functions_on_a_tiny_host(tmp_path):
     g = part["g"]["others"]
     eff = latent_effects(codes["others"][g == 1], codes["others"][g == 0], part["gender_probe"].w, sae.W_dec)
     for n in (2, 5):
-        x = ablate(part["acts"]["balanced"], codes["balanced"], sae.W_dec, top_latents(eff, n))
+        x = ablate(part["acts"]["balanced"], codes["balanced"], sae, top_latents(eff, n))
         acc = part["probe"].accuracy(x, part["y"]["balanced"])
         ref = scr_score(acc, part["base"], part["oracle"])
         assert got[f"scr_{n}"] == pytest.approx(ref, nan_ok=True)
@@ -117,6 +117,6 @@ def test_tpp_evaluator_matches_the_functions_on_a_tiny_host(tmp_path):
             eff = latent_effects(
                 codes[~test & (y[i] == 1)], codes[~test & (y[i] == 0)], probes[i].w, sae.W_dec
             )
-            x = ablate(part["acts"][test], codes[test], sae.W_dec, top_latents(eff, n, "positive"))
+            x = ablate(part["acts"][test], codes[test], sae, top_latents(eff, n, "positive"))
             ablated[i] = {j: probes[j].accuracy(x, y[j][test]) for j in probes}
         assert got[f"tpp_{n}"] == pytest.approx(tpp_score(part["clean"], ablated)[0])
