@@ -85,9 +85,7 @@ def main(args: argparse.Namespace) -> list[str]:
             bare(c.input_ids.to(device), c.attention_mask.to(device))
             sync()
             t1 = time.perf_counter()
-            for _acts, _ids in harvest(
-                host, Contexts(c.input_ids, c.attention_mask, c.sae_mask), batch, "bench"
-            ):
+            for _ in harvest(host, Contexts(c.input_ids, c.attention_mask, c.sae_mask), batch, "bench"):
                 pass
             sync()
             t2 = time.perf_counter()

@@ -600,8 +600,10 @@ class CacheDataset(IterableDataset):
         epochs: int | None = None,
         drop_last: bool = True,
         verify: str = "lazy",
+        columns: Iterable[str] | None = None,
     ) -> None:
         self.path, self.batch_size, self.seed, self.start = Path(path), batch_size, seed, start
+        self.columns = None if columns is None else list(columns)
         self.rank, self.world_size, self.epochs, self.drop_last, self.verify = (
             rank,
             world_size,
@@ -619,5 +621,12 @@ class CacheDataset(IterableDataset):
             )
         cache = ActivationCache(self.path, verify=self.verify)
         yield from cache.batches(
-            self.batch_size, self.seed, self.start, self.rank, self.world_size, self.epochs, self.drop_last
+            self.batch_size,
+            self.seed,
+            self.start,
+            self.rank,
+            self.world_size,
+            self.epochs,
+            self.drop_last,
+            columns=self.columns,
         )

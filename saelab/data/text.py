@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from saelab.data.cache import ActivationCache, CacheDataset, build_cache
 from saelab.data.stream import NORM_SAMPLE_ROWS, StreamPosition, epoch_permutation, norm_scale, scaled
 
-PACKING_VERSION = 1
+PACKING_VERSION = 2  # 2: every harvested row carries its document id and position ("doc_id", "doc_pos")
 
 
 def corpus_texts(corpus) -> list[str]:
@@ -61,11 +61,18 @@ def fingerprint(texts: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Contexts:
-    """Packed contexts: token ids, the attention mask (0 = padding) and the SAE mask (False = BOS/pad)."""
+    """Packed contexts: token ids, the attention mask (0 = padding) and the SAE mask (False = BOS/pad).
+
+    `doc_ids` / `doc_pos` (from `pack`): per position, the index of its text in the corpus and its token
+    position in that text (the separator after a text counts as that text's last position); −1 on BOS
+    and padding. A text longer than a context continues in the next one, so its positions keep counting.
+    """
 
     input_ids: Int[Tensor, "n seq"]
     attention_mask: Int[Tensor, "n seq"]
     sae_mask: Bool[Tensor, "n seq"]
+    doc_ids: Int[Tensor, "n seq"] | None = None
+    doc_pos: Int[Tensor, "n seq"] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -75,8 +82,37 @@ class Contexts:
         """Positions that reach the SAE."""
         return int(self.sae_mask.sum())
 
+    def select(self, idx) -> Contexts:
+        """The contexts at `idx` (a slice, index tensor or list), every field alike."""
+
+        def part(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return Contexts(
+            self.input_ids[idx],
+            self.attention_mask[idx],
+            self.sae_mask[idx],
+            part(self.doc_ids),
+            part(self.doc_pos),
+        )
+
     def slice(self, i: int, j: int) -> Contexts:
-        return Contexts(self.input_ids[i:j], self.attention_mask[i:j], self.sae_mask[i:j])
+        return self.select(slice(i, j))
+
+    def columns(self) -> dict[str, Tensor]:
+        """The per-position integer columns a harvest stores with each row (those this object has)."""
+        cols = {"doc_id": self.doc_ids, "doc_pos": self.doc_pos}
+        return {k: v for k, v in cols.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DocumentMeans:
+    """Per-document means (`TextActivations.per_document`): row i is document `doc_ids[i]` of the corpus."""
+
+    doc_ids: Int[Tensor, " n_docs"]
+    counts: Int[Tensor, " n_docs"]  # harvested positions per document
+    acts: Float[Tensor, "n_docs d_in"]
+    codes: Float[Tensor, "n_docs d_sae"] | None  # host units (÷ act_scale); None without an SAE
 
 
 def pack(
@@ -97,13 +133,17 @@ def pack(
     body = context_len - 1 if bos_id is not None else context_len
     need = None if max_tokens is None else math.ceil(max_tokens / body) * body
     stream: list[int] = []
-    for text in texts:
+    docs: list[int] = []  # per stream token: its text's index
+    pos: list[int] = []  # and its position in that text
+    for d, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             continue
-        stream.extend(ids)
         if sep_id is not None:
-            stream.append(sep_id)
+            ids = [*ids, sep_id]
+        stream.extend(ids)
+        docs.extend([d] * len(ids))
+        pos.extend(range(len(ids)))
         if need is not None and len(stream) >= need:
             break
     if not stream:
@@ -112,25 +152,38 @@ def pack(
     if need is not None:
         n_full = min(n_full, need // body)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep_id or 0)
-    rows, att = [], []
-    chunks = [stream[i * body : (i + 1) * body] for i in range(n_full)] or [stream[:body]]
-    for c in chunks:
+    rows, att, row_docs, row_pos = [], [], [], []
+    spans = [(i * body, (i + 1) * body) for i in range(n_full)] or [(0, body)]
+    prefix = [bos_id] if bos_id is not None else []
+    none = [-1] * len(prefix)
+    for a, b in spans:
+        c = stream[a:b]
         n_pad = body - len(c)
-        prefix = [bos_id] if bos_id is not None else []
         rows.append(prefix + c + [pad] * n_pad)
         att.append([1] * (len(prefix) + len(c)) + [0] * n_pad)
+        row_docs.append(none + docs[a:b] + [-1] * n_pad)
+        row_pos.append(none + pos[a:b] + [-1] * n_pad)
     input_ids = torch.tensor(rows, dtype=torch.long)
     attention_mask = torch.tensor(att, dtype=torch.long)
     sae_mask = attention_mask.bool().clone()
     if bos_id is not None:
         sae_mask[:, 0] = False
-    return Contexts(input_ids, attention_mask, sae_mask)
+    return Contexts(
+        input_ids,
+        attention_mask,
+        sae_mask,
+        torch.tensor(row_docs, dtype=torch.long),
+        torch.tensor(row_pos, dtype=torch.long),
+    )
 
 
 def harvest(
     host, contexts: Contexts, batch_size: int = 16, desc: str = "harvest", progress: bool = True
-) -> Iterator[tuple[Float[Tensor, "n d_in"], Int[Tensor, " n"]]]:
-    """Yield (acts, token_ids) chunks of the SAE positions, `batch_size` contexts per host forward."""
+) -> Iterator[tuple[Float[Tensor, "n d_in"], Int[Tensor, " n"], dict[str, Tensor]]]:
+    """Yield (acts, token_ids, columns) chunks of the SAE positions, `batch_size` contexts per host forward.
+
+    `columns`: the contexts' per-position columns at those positions ("doc_id", "doc_pos" when packed).
+    """
     bar = tqdm(
         total=contexts.n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False, disable=not progress
     )
@@ -141,27 +194,33 @@ def harvest(
             m = c.sae_mask.to(h.device)
             acts = h[m].float().cpu()  # (n, d_in): BOS and padding dropped
             bar.update(acts.shape[0])
-            yield acts, c.input_ids[c.sae_mask]
+            yield acts, c.input_ids[c.sae_mask], {k: v[c.sae_mask] for k, v in c.columns().items()}
     finally:
         bar.close()
 
 
 class ActivationStore:
-    """Harvested activations held in memory (cache=False); `rows` reads like `ActivationCache.rows`."""
+    """Harvested activations held in memory (cache=False); `rows` and `columns` read like `ActivationCache`'s."""
 
-    def __init__(self, acts: Float[Tensor, "n d_in"], token_ids: Int[Tensor, " n"]) -> None:
+    def __init__(
+        self,
+        acts: Float[Tensor, "n d_in"],
+        token_ids: Int[Tensor, " n"],
+        extras: dict[str, Tensor] | None = None,
+    ) -> None:
         self.acts, self.token_ids = acts, token_ids
         self.n_tokens, self.d_in = acts.shape[0], acts.shape[1]
+        self._cols = {"acts": acts, "token_ids": token_ids, **(extras or {})}
+        self.columns = list(self._cols)
 
     @classmethod
     def collect(cls, chunks) -> ActivationStore:
-        acts, ids = zip(*chunks, strict=True)
-        return cls(torch.cat(acts), torch.cat(ids))
+        acts, ids, extras = zip(*chunks, strict=True)
+        return cls(torch.cat(acts), torch.cat(ids), {k: torch.cat([e[k] for e in extras]) for k in extras[0]})
 
     def rows(self, idx, columns=None) -> dict:
         idx = torch.as_tensor(idx)
-        cols = {"acts": self.acts, "token_ids": self.token_ids}
-        return {c: cols[c][idx].numpy() for c in (columns if columns is not None else cols)}
+        return {c: self._cols[c][idx].numpy() for c in (columns if columns is not None else self.columns)}
 
 
 class _Ordered(IterableDataset):
@@ -230,10 +289,8 @@ class _Live:
         k0 = int(torch.searchsorted(cum, start, right=True)) - 1
         k1 = int(torch.searchsorted(cum, stop, right=False))
         sel = order[k0:k1]
-        c = Contexts(
-            self.contexts.input_ids[sel], self.contexts.attention_mask[sel], self.contexts.sae_mask[sel]
-        )
-        acts, ids = zip(*harvest(self.host, c, self.harvest_batch, progress=False), strict=True)
+        c = self.contexts.select(sel)
+        acts, ids, _ = zip(*harvest(self.host, c, self.harvest_batch, progress=False), strict=True)
         off = start - int(cum[k0])
         return torch.cat(acts)[off : off + stop - start], torch.cat(ids)[off : off + stop - start]
 
@@ -394,6 +451,47 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
         st = self.store(split)
         return torch.from_numpy(st.rows(np.arange(st.n_tokens), ["token_ids"])["token_ids"].astype(np.int64))
 
+    def column(self, split: str, name: str) -> Int[Tensor, " n"]:
+        """An integer column ("token_ids", "doc_id", "doc_pos") of every harvested row of a split."""
+        st = self.store(split)
+        if name not in st.columns:
+            raise KeyError(
+                f"the {split} activations have no column {name!r}; they have {', '.join(st.columns)}."
+            )
+        return torch.from_numpy(st.rows(np.arange(st.n_tokens), [name])[name].astype(np.int64))
+
+    @torch.no_grad()
+    def per_document(self, split: str = "val", sae=None, chunk_rows: int = 8192) -> DocumentMeans:
+        """Per document of a split: the mean of its harvested activations and (with `sae`) of its SAE codes.
+
+        One streamed pass over the split's rows (cached or in memory); the SAE is fed s·x (s = `act_scale`)
+        and its codes are returned in host units (÷ s), so Σ_j codes_j W_dec[j] + b_dec / s is the mean
+        reconstruction. A document cut across contexts is pooled over all of its pieces.
+        """
+        st = self.store(split)
+        n = st.n_tokens
+        docs = self.column(split, "doc_id")
+        n_docs = int(docs.max()) + 1
+        counts = torch.bincount(docs, minlength=n_docs)
+        acts_sum = torch.zeros(n_docs, self.d_in, dtype=torch.float64)
+        codes_sum = None if sae is None else torch.zeros(n_docs, int(sae.W_dec.shape[0]), dtype=torch.float64)
+        s = self.act_scale
+        for i in range(0, n, chunk_rows):
+            idx = np.arange(i, min(i + chunk_rows, n))
+            x = torch.from_numpy(st.rows(idx, ["acts"])["acts"].astype(np.float32, copy=False))
+            d = docs[i : i + len(idx)]
+            acts_sum.index_add_(0, d, x.double())
+            if sae is not None and codes_sum is not None:
+                W = sae.W_dec
+                f = sae.encode((x * s).to(W.device, W.dtype)).float().cpu()
+                codes_sum.index_add_(0, d, f.double())
+        keep = counts > 0
+        c = counts[keep].double()[:, None]
+        codes = None if codes_sum is None else (codes_sum[keep] / c / s).float()
+        return DocumentMeans(
+            torch.nonzero(keep).squeeze(1), counts[keep], (acts_sum[keep] / c).float(), codes
+        )
+
     @property
     def act_scale(self) -> float:
         """s with E‖s·x‖² = d_in over the first `NORM_SAMPLE_ROWS` training rows; 1.0 unless `normalize`."""
@@ -427,7 +525,16 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
         store = self._cached("train")
 
         def stream(start: int, rank: int, world: int) -> CacheDataset:
-            return CacheDataset(store.path, self.batch_size, self.seed, start, rank, world, epochs=None)
+            return CacheDataset(
+                store.path,
+                self.batch_size,
+                self.seed,
+                start,
+                rank,
+                world,
+                epochs=None,
+                columns=["acts", "token_ids"],
+            )
 
         return self._split_loader(stream, self.act_scale)
 
