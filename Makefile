@@ -11,7 +11,7 @@ PIPQ    := $(BIN)/pip install -q --disable-pip-version-check
 
 .PHONY: install test test-slow test-all lint format bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIPQ) $(TORCH)
 	$(PIPQ) -e '.[dev,interop]'

@@ -1,21 +1,46 @@
-"""`python -m saelab [overrides]`: compose the config with Hydra and run its recipe."""
+"""`saelab [overrides]` (or `python -m saelab`): compose the config with Hydra and run its recipe."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from saelab.allocator import keep_freed_memory
 from saelab.lit import end_distributed
 from saelab.train import apply_debug
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+PKG = Path(__file__).resolve().parent
+log = logging.getLogger("saelab")
+
+
+def shipped(name: str) -> Path:
+    """`conf/` or `sweeps/`: inside the package in an installed wheel (setup.py copies them there), at the
+    repository top in a checkout."""
+    inside = PKG / name
+    return inside if inside.is_dir() else PKG.parent / name
+
+
+CONF = shipped("conf")
+SWEEPS = shipped("sweeps")
+
+
+def register_sweeps(folder: Path = SWEEPS) -> None:
+    """Make each `sweeps/NAME.yaml` an option of the `sweeps` group, used as `+sweeps=NAME`.
+
+    The folder sits beside conf/, not in it. Putting its parent on Hydra's search path would also make
+    every sibling folder (.git, .venv, outputs) a group; the ConfigStore holds just these files and is on
+    the search path of runs, `--help` and shell completion alike. Sweep files are `# @package _global_`.
+    """
+    store = ConfigStore.instance()
+    for path in sorted(folder.glob("*.yaml")):
+        store.store(name=path.stem, node=OmegaConf.load(path), group="sweeps", package="_global_")
 
 
 def friendly_error(exc: BaseException) -> str:
@@ -29,6 +54,17 @@ def friendly_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def log_to_file(level: int, msg: str, exc_info: bool = False) -> None:
+    """Record `msg` in the run's log file (Hydra's job logging writes `<run dir>/__main__.log`) but not on
+    the terminal, where the same line has just been printed to stderr."""
+    if not log.isEnabledFor(level):
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, msg, (), sys.exc_info() if exc_info else None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and level >= handler.level:
+            handler.handle(record)
+
+
 def run_recipe(cfg: DictConfig):
     name = cfg.recipe.name
     try:
@@ -36,7 +72,7 @@ def run_recipe(cfg: DictConfig):
     except ModuleNotFoundError as e:
         if e.name != f"saelab.recipes.{name}":
             raise
-        available = sorted(p.stem for p in (ROOT / "conf" / "recipe").glob("*.yaml"))
+        available = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available)}") from e
     return module.run(apply_debug(cfg))
 
@@ -47,9 +83,13 @@ def main(cfg: DictConfig):
     try:
         results = run_recipe(cfg)
     except KeyboardInterrupt:
-        print("saelab: interrupted; resume with `resume=auto hydra.run.dir=<this run dir>`.", file=sys.stderr)
+        msg = "saelab: interrupted; resume with `resume=auto hydra.run.dir=<this run dir>`."
+        print(msg, file=sys.stderr)
+        log_to_file(logging.WARNING, msg)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - one clear line instead of a traceback
+        log_to_file(logging.ERROR, f"saelab: error: {friendly_error(e)}")
+        log_to_file(logging.DEBUG, "traceback:", exc_info=True)  # with hydra.verbose=saelab
         if os.environ.get("SAELAB_DEBUG"):
             raise
         print(f"saelab: error: {friendly_error(e)}\n(set SAELAB_DEBUG=1 for the traceback)", file=sys.stderr)
@@ -63,8 +103,11 @@ def main(cfg: DictConfig):
     return None
 
 
-# conf/config.yaml puts ${SAELAB_ROOT} on Hydra's search path, so sweeps/ resolves from any working dir
-os.environ.setdefault("SAELAB_ROOT", str(ROOT))
+def cli() -> None:
+    """The `saelab` console script."""
+    register_sweeps()
+    main()
+
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from saelab.files import umask_mode
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves to a temporary file in the target directory, then renames: a killed run never leaves a
@@ -20,6 +22,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would make the checkpoint private
         os.close(fd)
         try:
             torch.save(checkpoint, tmp)

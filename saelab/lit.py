@@ -196,7 +196,9 @@ class LitSAE(pl.LightningModule):
                 "val/l0": self.val_l0.compute(),
                 "val/explained_variance": self.val_ev.compute(),
                 "val/dead_frac": self.val_dead.compute(),
-            }
+            },
+            # compute() has already reduced over ranks; sync_dist says so to Lightning, which warns otherwise
+            sync_dist=True,
         )
         for m in (self.val_l0, self.val_ev, self.val_dead):
             m.reset()

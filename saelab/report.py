@@ -7,7 +7,7 @@ A recipe adds what it measured (`add_metrics`, `add_eval`, `add_table`, `add_fig
 - `report.md`: the sections in order, tables as Markdown, figures as relative PNG links,
 - the W&B run's summary (scalars), `tables/<slug>` (wandb.Table) and `figures/<slug>` (wandb.Image),
   or `log_metrics` for other Lightning loggers,
-- the terminal: the tables marked for it, then the run dir.
+- the terminal: the report's title, the tables marked for it under their headings, then the run dir.
 
 All files are written atomically, so a killed run never leaves a half-written report.
 """
@@ -177,9 +177,12 @@ class Report:
         if logger is not None:
             self._log(logger)
         if print_tables:
+            # Markdown with the report's title and each table's heading, as report.md has them
             shown = [s for s in self.sections if s.kind == "table" and s.terminal]
+            if shown:
+                print(f"# {self.title}\n")
             for s in shown:
-                print(f"{s.heading}\n{markdown_table(s.payload.headers, s.payload.rows)}\n")
+                print(f"## {s.heading}\n{markdown_table(s.payload.headers, s.payload.rows)}\n")
             print(f"run dir: {self.run_dir}")
         return results
 

@@ -28,9 +28,9 @@ from omegaconf import DictConfig, open_dict
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.eval.base import EvalResult, Evaluator, evaluate
 from saelab.files import atomic_write_bytes
-from saelab.io import save_sae
+from saelab.io import save_sae, source_metadata
 from saelab.report import Report
-from saelab.train import fit, log_summary, make_logger, plain, wandb_scope
+from saelab.train import fit, log_summary, make_logger, plain, progress_bar, wandb_scope
 
 HostModule = TypeVar("HostModule", bound=pl.LightningModule)  # host_stage returns the type it is given
 
@@ -115,10 +115,10 @@ def train_stage(
     out = StageResult(name, res.sae, dm, seconds=res.seconds, steps=int(trainer.global_step))
     with wandb_scope(res.logger):
         if cfg.get("export", True) and trainer.is_global_zero:
-            meta = {"saelab_run": cfg.name, "stage": name, "act_scale": float(getattr(dm, "act_scale", 1.0))}
-            out.export = save_sae(
-                res.sae, export_dir or run_dir / name / "sae", metadata={**meta, **(metadata or {})}
-            )
+            # the export reads the host's raw activations: the source's input scale is folded into it
+            meta = {"saelab_run": cfg.name, "stage": name, **source_metadata(dm), **(metadata or {})}
+            scale = float(getattr(dm, "act_scale", 1.0) or 1.0)
+            out.export = save_sae(res.sae, export_dir or run_dir / name / "sae", meta, act_scale=scale)
         # later stages may start from this export on every rank
         trainer.strategy.barrier("saelab-export")
         if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and reports
@@ -197,13 +197,14 @@ def host_stage(
         dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1 if monitor else 0, save_last=True
     )
     logger = make_logger(cfg, run_dir, name)
+    bar = trainer_kwargs.get("enable_progress_bar", True)
     with wandb_scope(logger):
         trainer = pl.Trainer(
             accelerator=cfg.trainer.get("accelerator", "cpu"),
             devices=1,
             default_root_dir=str(run_dir),
             logger=logger if logger is not None else False,
-            callbacks=[best, ConfigInCheckpoint(plain(cfg))],
+            callbacks=[best, ConfigInCheckpoint(plain(cfg)), *progress_bar(name, bar)],
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False,
             num_sanity_val_steps=0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import RichProgressBar
 
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
 from saelab.lit import LitSAE
@@ -34,6 +36,57 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvert
 # Lightning's own pytree helper trips a torch deprecation on every fit; nothing a user can act on.
 # Set here, not in __main__, because joblib sweep workers and DDP processes import this module too.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class StepProgressBar(RichProgressBar):
+    """One bar per fit that counts optimiser steps: `<stage> step i/max_steps`.
+
+    Lightning's own bar counts the batches of an epoch: with `max_steps` and no `max_epochs` it reads
+    "Epoch 0/-2", and it starts again at every epoch of a finite source. Validation gets no bar of its own
+    (it is a few batches between steps), and the W&B run id (`v_num`) is left out of the metrics.
+    """
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def configure_columns(self, trainer: pl.Trainer) -> list:
+        description, bar, count, *rest = super().configure_columns(trainer)
+        return [description, count, bar, *rest]  # "train step 20/20 ━━━━ 0:00:01 ..."
+
+    def _initialize_train_progress_bar_id(self) -> None:
+        t = self.trainer
+        total = t.max_steps if t.max_steps > 0 else t.estimated_stepping_batches  # max_epochs fits (hosts)
+        self.train_progress_bar_id = self._add_task(total, f"{self.stage} step")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.progress is not None and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+def progress_bar(stage: str, enabled: bool = True) -> list[pl.Callback]:
+    """The callbacks list entry for a fit's bar: [StepProgressBar], or [] when the trainer config turns
+    the bar off (`enable_progress_bar: false`; Lightning refuses a bar callback then)."""
+    return [StepProgressBar(stage)] if enabled else []
 
 
 @dataclass
@@ -106,12 +159,63 @@ def build_lit(cfg: DictConfig, sae) -> LitSAE:
     )
 
 
-def make_logger(cfg: DictConfig, run_dir: Path, stage: str):
+# override keys left out of run names: where and how a run is logged, or what `name` already says
+_NOT_IN_RUN_NAME = {"experiment", "sweeps", "name", "run_dir", "resume", "logger", "paths", "hydra"}
+
+
+def run_name(cfg: DictConfig, stage: str) -> str:
+    """`<name>/<stage>` and the job's command-line overrides, so the jobs of a sweep are told apart
+    (`train/train sae.activation.k=4`). Overrides of where and how a run is logged are left out; not
+    under @hydra.main (tests, recipes called from Python) there are none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        task = []
+    kept = [o.lstrip("+") for o in task if re.split(r"[./=]", o.lstrip("+~"))[0] not in _NOT_IN_RUN_NAME]
+    return " ".join([f"{cfg.name}/{stage}", *kept])
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, stage: str, start: bool = True):
+    """The logger of one stage's run (None for logger=none), named by `run_name`. With `start` the run
+    begins now (`start_run`); `fit` starts it once its Trainer exists, which is what tells the processes of
+    a multi-node DDP job which one is rank 0."""
     if not cfg.get("logger"):
         return None
     target = cfg.logger.get("_target_", "")
-    kwargs = {"save_dir": str(run_dir), "name": f"csv/{stage}" if "CSV" in target else f"{cfg.name}/{stage}"}
-    return instantiate(cfg.logger, **kwargs)
+    name = f"csv/{stage}" if "CSV" in target else run_name(cfg, stage)
+    # _convert_: nested nodes (W&B `settings`) reach the logger as plain dicts
+    logger = instantiate(cfg.logger, save_dir=str(run_dir), name=name, _convert_="all")
+    if type(logger).__name__ == "WandbLogger":
+        # Lightning passes wandb.init `anonymous=None`, which wandb answers with a deprecation warning
+        logger._wandb_init.pop("anonymous", None)
+    if start:
+        start_run(logger, cfg)
+    return logger
+
+
+def start_run(logger, cfg: DictConfig) -> None:
+    """Begin the run with the resolved config (every stage's run carries it, not only training runs). A W&B
+    run whose settings keep W&B silent (conf/logger/wandb_*.yaml) is announced in one line;
+    `logger.settings.silent=false` brings back W&B's own block instead."""
+    if logger is None:
+        return
+    logger.log_hyperparams(plain(cfg))
+    _announce(logger)
+
+
+def _announce(logger) -> None:
+    """One line for a new silent W&B run: its name and where it is (on rank 0, where the run lives)."""
+    if type(logger).__name__ != "WandbLogger":
+        return
+    import wandb
+
+    run = wandb.run
+    if run is None or not run.settings.silent:
+        return
+    where = f"{run.settings.sync_dir} (offline; `wandb sync` uploads it)" if run.offline else run.url
+    print(f"wandb: {run.name} → {where}", flush=True)
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
@@ -140,8 +244,9 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
             dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_train_steps=cfg.checkpoint.every_n_steps
         ),
         ConfigInCheckpoint(plain(cfg)),
+        *progress_bar(stage, cfg.trainer.get("enable_progress_bar", True)),
     ]
-    logger = make_logger(cfg, run_dir, stage)
+    logger = make_logger(cfg, run_dir, stage, start=False)
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
@@ -149,8 +254,7 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
-    if logger is not None and hasattr(logger, "log_hyperparams"):
-        logger.log_hyperparams(plain(cfg))
+    start_run(logger, cfg)
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm, ckpt_path=resolve_resume(cfg, ckpt_dir))
     return FitResult(lit, dm, trainer, logger, time.perf_counter() - t0)

@@ -9,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from saelab.__main__ import register_sweeps
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
@@ -20,12 +22,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def compose_cfg(overrides: list[str] | None = None):
-    """Compose conf/config.yaml with overrides (sweeps/ on the search path, as the CLI has it)."""
+    """Compose conf/config.yaml with overrides (the `sweeps` group registered, as the CLI has it)."""
+    register_sweeps()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            config_name="config", overrides=[*(overrides or []), f"hydra.searchpath=[file://{ROOT}]"]
-        )
+        return compose(config_name="config", overrides=list(overrides or []))
 
 
 @pytest.fixture

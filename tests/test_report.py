@@ -67,3 +67,12 @@ def test_report_logs_summary_tables_and_images_to_wandb(tmp_path):
         "v",
     ]
     assert isinstance(media["figures/my_fig"], wandb.Image)
+
+
+def test_terminal_tables_carry_the_report_title_and_their_headings(tmp_path, capsys):
+    r = Report(tmp_path, "A title", "run1")
+    r.add_table("Comparison", Table(["sae", "ppl"], [["a", 2.0]]), terminal=True)
+    r.add_table("Only in report.md", Table(["x"], [[1]]))
+    r.write()
+    out = capsys.readouterr().out
+    assert out.startswith("# A title\n\n## Comparison\n| sae | ppl |") and "Only in report.md" not in out

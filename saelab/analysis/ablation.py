@@ -155,7 +155,7 @@ class AblationSweep:
         if not labels or not all(len(v) == len(labels) for v in series.values()):
             return None  # a latent active on every (or no) user has one mode only: the bars would not align
         return plots.bars(labels, series, Path(path), f"Δ share of concept items in top-{self.settings['top_k']}",
-                          "Latent ablation")  # fmt: skip
+                          "Latent ablation", xlabel="latent and its concept")  # fmt: skip
 
 
 @torch.no_grad()

@@ -264,8 +264,10 @@ class ConceptLatents:
         """Histogram of held-out F1 per concept latent (None when the dictionary is empty)."""
         if not len(self.heldout["f1"]):
             return None
+        bar = self.settings["confidence_bar"]
         return plots.histogram(self.heldout["f1"], Path(path), "held-out F1 of the concept prediction",
-                               "Interpretation confidence per concept latent")  # fmt: skip
+                               "Interpretation confidence per concept latent",
+                               vlines={f"confidence bar {bar:g}": bar})  # fmt: skip
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from saelab.types import SAELike
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def token_counts(token_ids: Iterable[Tensor] | Tensor, vocab_size: int) -> Int[Tensor, " vocab"]:
@@ -179,15 +183,25 @@ def coverage_rows(covs: Mapping[str, dict]) -> tuple[list[str], list[list]]:
     return ["corpus count", "test tokens", *covs], rows
 
 
-def coverage_plot(headers: Sequence[str], rows: Sequence[Sequence], path: Path, title: str) -> Path:
+def coverage_figure(headers: Sequence[str], rows: Sequence[Sequence], title: str) -> Figure:
     """Grouped bars of a `coverage_rows` table: one group per bin (labelled with its token count), one bar
-    per SAE."""
+    per SAE, each with its value written above it (a bin no SAE covers reads 0.00 rather than blank); bins
+    without test tokens have no coverage and are left out."""
     from saelab.analysis import plots
 
-    return plots.bars(
+    rows = [r for r in rows if r[1]]
+    return plots.bars_figure(
         [f"{r[0]} ({r[1]})" for r in rows],
         {n: [r[2 + i] for r in rows] for i, n in enumerate(headers[2:])},
-        path,
         "share of tokens with a capturing latent",
         title,
+        xlabel="count of the token in the training corpus (test tokens in the bin)",
+        value_fmt="{:.2f}",
     )
+
+
+def coverage_plot(headers: Sequence[str], rows: Sequence[Sequence], path: Path, title: str) -> Path:
+    """`coverage_figure` written as a PNG at `path`."""
+    from saelab.analysis import plots
+
+    return plots.save(coverage_figure(headers, rows, title), path)

@@ -20,12 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from scipy.stats import hypergeom
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def fisher_greater(k, n_active, n_pos, n_total) -> np.ndarray:
@@ -169,18 +173,11 @@ def enrichment(counts: EnrichmentCounts) -> EnrichmentResult:
     return EnrichmentResult(counts, p, q, precision, recall, f1)
 
 
-def heatmap(
-    result: EnrichmentResult, path: Path, t: int = 0, per_annotation: int = 3, alpha: float = 0.05
-) -> Path:
+def heatmap_figure(
+    result: EnrichmentResult, t: int = 0, per_annotation: int = 3, alpha: float = 0.05
+) -> Figure:
     """Heat map of F1 for the top latents of each annotation (rows) × annotations (columns); q ≥ alpha → 0."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saelab.files import atomic_write_bytes
+    from matplotlib.figure import Figure
 
     rows: list[int] = []
     for name in result.names:
@@ -192,15 +189,22 @@ def heatmap(
         if rows
         else np.zeros((1, len(result.names)))
     )
-    fig, ax = plt.subplots(figsize=(0.55 * len(result.names) + 2.5, 0.3 * max(len(rows), 1) + 2.2))
+    fig = Figure(figsize=(0.55 * len(result.names) + 2.5, 0.3 * max(len(rows), 1) + 2.2))
+    ax = fig.subplots()
     im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(values.max()), 1e-6))
     ax.set_xticks(range(len(result.names)), result.names, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), [f"latent {j}" for j in rows], fontsize=7)
+    ax.set_xlabel("annotation", fontsize=8)
+    ax.set_ylabel(f"top {per_annotation} latents per annotation", fontsize=8)
     ax.set_title(f"F1 of enriched latents (τ = {result.thresholds[t]:g}, BH q < {alpha:g})", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    fig.colorbar(im, ax=ax, fraction=0.04).set_label("F1", fontsize=8)
+    return fig
+
+
+def heatmap(
+    result: EnrichmentResult, path: Path, t: int = 0, per_annotation: int = 3, alpha: float = 0.05
+) -> Path:
+    """`heatmap_figure` written as a PNG at `path`."""
+    from saelab.analysis import plots
+
+    return plots.save(heatmap_figure(result, t, per_annotation, alpha), path)

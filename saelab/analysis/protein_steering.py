@@ -20,20 +20,25 @@ transmembrane segment: a 19-residue window of mean Kyte–Doolittle hydropathy �
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelab.analysis.enrichment import EnrichmentResult
 from saelab.edit import LatentEdit
 from saelab.hosts.masked_lm import MaskedLMHost
 from saelab.types import SAELike
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 C2H2 = re.compile(r"C.{2,4}C.{12}H.{3,5}H")
 KYTE_DOOLITTLE = {
@@ -65,7 +70,7 @@ def ch_fraction(seq: str) -> float:
     return (seq.count("C") + seq.count("H")) / max(len(seq), 1)
 
 
-# target annotation → (success test, continuous score, what the score is)
+# target annotation → (success test, continuous score, "criterion; score = what the score is")
 Scorer = tuple[Callable[[str], bool], Callable[[str], float], str]
 SCORERS: dict[str, Scorer] = {
     "zinc_finger": (has_c2h2, ch_fraction, "C2H2 motif C-x(2,4)-C-x(12)-H-x(3,5)-H; score = C+H fraction"),
@@ -105,12 +110,12 @@ def generate(
     masked positions, sampled over the 20 amino acids. One torch Generator drives every random choice,
     so two calls with the same seed and an identity intervention return the same sequences.
     """
-    from tqdm.auto import tqdm
-
     g = torch.Generator().manual_seed(seed)
     aa = host.aa_ids.to(host.device)
     out: list[str] = []
-    for start in tqdm(range(0, n, batch_size), desc="generate", leave=False):
+    # one tick per host forward (batch × round): a round of a large batch can take seconds on CPU
+    bar = tqdm(total=math.ceil(n / batch_size) * rounds, desc="generate", unit="forward", leave=False)
+    for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         if seed_sequence is None:
             init = "X" * length
@@ -150,7 +155,9 @@ def generate(
                 sampled = torch.multinomial(flat.cpu(), 1, generator=g).squeeze(1)
                 ids[pick] = aa[sampled.to(host.device)]
                 masked = masked & ~pick
+            bar.update()
         out += [host.decode(row[res_row]) for row, res_row in zip(ids.cpu(), res.cpu(), strict=True)]
+    bar.close()
     if intervention is not None:
         intervention.positions = None
     return out
@@ -233,18 +240,24 @@ def steering_sweep(
     )
     out: dict[str, dict] = {}
     baseline: list[str] | None = None
-    with inference_mode(sae):
+    # one tick per condition; a skipped target takes its strengths off the total
+    bar = tqdm(total=1 + len(targets) * len(strengths), desc="steering", unit="condition", leave=False)
+    with inference_mode(sae), contextlib.closing(bar):
         for target in targets:
             if target not in enrichment.names:
                 out[target] = {"skipped": f"{target} is not among the annotation labels"}
+                bar.total -= len(strengths)
                 continue
             latents = enrichment.ranked(target, int(threshold_index), alpha, select, int(min_support))
             latents = latents[: int(n_latents)]
             if not latents:
                 out[target] = {"skipped": f"no latent passes FDR {alpha} for {target}", "latents": []}
+                bar.total -= len(strengths)
                 continue
             if baseline is None:  # the unsteered generations are shared by every target
+                bar.set_postfix_str("unsteered")
                 baseline = generate(host, intervention=None, **gen)
+                bar.update()
             maxima = [float(max_activation[j]) for j in latents]
             entry: dict[str, Any] = {
                 "latents": latents,
@@ -253,8 +266,10 @@ def steering_sweep(
                 "steered": {},
             }
             for c in strengths:
+                bar.set_postfix_str(f"{target} c={float(c):g}")
                 clamp = LatentEdit(sae, latents, mode, [float(c) * m for m in maxima], scale=act_scale)
                 seqs = generate(host, intervention=clamp, **gen)
+                bar.update()
                 sc = score_generations(seqs, target, scorers)
                 sc["p_vs_baseline"] = compare(sc, entry["baseline"])
                 sc["examples"] = seqs[:3]
@@ -327,14 +342,52 @@ def steering_criteria(targets: Sequence[str], scorers: Mapping[str, Scorer] = SC
     return "; ".join(out) if out else "-"
 
 
-def steering_plot(steering: Mapping[str, dict], path: Path) -> Path | None:
-    """Grouped bars of success rate per steered target: unsteered and each strength (None: nothing steered)."""
+def steering_figure(steering: Mapping[str, dict], scorers: Mapping[str, Scorer] = SCORERS) -> Figure | None:
+    """One column per steered target, bars for the unsteered run and each strength c: success rate on top
+    (labelled hits/n), the target's mean continuous score below (labelled with its value, dashed line at the
+    unsteered score), so a sweep without a single motif hit still shows whether steering moved the score.
+    None when no target was steered."""
     done = steered(steering)
     if not done:
         return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 3.2 * len(done) + 1), 5.6))
+    axes = fig.subplots(2, len(done), squeeze=False)
+    for col, (target, e) in enumerate(done.items()):
+        runs = {"unsteered": e["baseline"], **{f"c={c}": sc for c, sc in e["steered"].items()}}
+        colors = ["#a5a5a5", *["#4472c4"] * len(e["steered"])]
+        rate, score = axes[0, col], axes[1, col]
+        drawn = rate.bar(list(runs), [r["success_rate"] for r in runs.values()], color=colors)
+        rate.bar_label(drawn, [f"{r['successes']}/{r['n']}" for r in runs.values()], fontsize=7)
+        rate.set_ylim(0, 1.15)
+        rate.set_ylabel("success rate (hits / n)")
+        rate.set_title(target)
+        drawn = score.bar(list(runs), [r["mean_score"] for r in runs.values()], color=colors)
+        score.bar_label(drawn, fmt="%.3g", fontsize=7)
+        score.axhline(e["baseline"]["mean_score"], color="#7f7f7f", linestyle="--", linewidth=1.0)
+        score.axhline(0.0, color="black", linewidth=0.8)
+        score.set_ylabel(_score_label(target, scorers))
+        score.set_xlabel("clamp strength")
+    fig.suptitle("Steered vs unsteered generation")
+    return fig
+
+
+def _score_label(target: str, scorers: Mapping[str, Scorer]) -> str:
+    """The axis label of a target's score, "mean <what>" from its scorer's "...; score = <what>", else
+    "mean score"."""
+    try:
+        what = scorer_for(target, scorers)[2]
+    except ValueError:  # steered with scorers other than these
+        return "mean score"
+    return f"mean {what.split('score = ', 1)[1]}" if "score = " in what else "mean score"
+
+
+def steering_plot(
+    steering: Mapping[str, dict], path: Path, scorers: Mapping[str, Scorer] = SCORERS
+) -> Path | None:
+    """`steering_figure` written as a PNG at `path` (None: nothing steered)."""
     from saelab.analysis import plots
 
-    series = {"unsteered": [e["baseline"]["success_rate"] for e in done.values()]}
-    for c in next(iter(done.values()))["steered"]:
-        series[f"c={c}"] = [e["steered"][c]["success_rate"] for e in done.values()]
-    return plots.bars(list(done), series, Path(path), "success rate", "Steered vs unsteered generation")
+    fig = steering_figure(steering, scorers)
+    return None if fig is None else plots.save(fig, Path(path))

@@ -60,7 +60,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import IterableDataset
 
-from saelab.files import atomic_write_json, sha256_file
+from saelab.files import atomic_write_json, sha256_file, umask_mode
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -308,6 +308,7 @@ def build_cache(
         for stale in root.glob(f".{key}.tmp-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+        os.chmod(tmp, umask_mode(directory=True))  # shared caches: mkdtemp's 0700 would lock others out
         try:
             writer = _ShardWriter(tmp, d_in, dtype, tokens_per_shard)
             with _progress(progress, max_tokens, f"caching {hook} activations") as advance:

@@ -901,6 +901,6 @@ class Absorption:
             }
             out.figures["first-letter absorption"] = plots.bars(
                 list(self.letters), series, out_dir / "absorption.png", "mean over probe true positives",
-                "First-letter absorption",
+                "First-letter absorption", xlabel="first letter of the token",
             )  # fmt: skip
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from saelab.eval.base import EvalResult
 from saelab.hosts.masked_lm import MaskedLMHost
@@ -60,7 +61,9 @@ def protein_fidelity(
     splice, zero = reconstruction_fn(sae, scale), (lambda h: torch.zeros_like(h))
     sums = dict.fromkeys(("agree", "kl", "ce_clean", "ce_sae", "ce_zero", "acc_clean", "acc_sae"), 0.0)
     n_res = n_masked = 0
-    for s in range(0, len(sequences), batch_size):
+    # three host forwards per batch (clean, spliced, zero-ablated): a long, otherwise silent wait on CPU
+    batches = range(0, len(sequences), batch_size)
+    for s in tqdm(batches, desc=f"protein fidelity ({len(sequences)} sequences)", unit="batch", leave=False):
         b = host.encode(list(sequences[s : s + batch_size])).to(host.device)
         ids = b.input_ids.clone()
         masked = b.residues & (torch.rand(ids.shape, generator=g) < mask_fraction).to(host.device)

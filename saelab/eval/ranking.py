@@ -49,5 +49,6 @@ class RankingFidelity:
                 Path(out_dir) / "fidelity.png",
                 "score",
                 "Test ranking: original vs SAE-reconstructed user representation",
+                xlabel="metric@k (cut-off k of the ranked list)",
             )
         return res

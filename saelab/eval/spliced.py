@@ -22,6 +22,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from tqdm.auto import tqdm
 from saelab.analysis import plots
 from saelab.eval.base import EvalResult, at_k, batch_acts, in_host_units, take
 from saelab.hosts.causal_lm import next_token_losses
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def ce_loss_score(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
@@ -259,12 +263,21 @@ def ppl_vs_l0(results: Mapping[str, EvalResult]) -> dict[str, list[dict]]:
     return out
 
 
-def ppl_vs_l0_plot(curves: Mapping[str, list[dict]], path: Path) -> Path:
-    """The `ppl_vs_l0` curves, one line per SAE."""
-    return plots.scatter(
+def ppl_vs_l0_figure(curves: Mapping[str, list[dict]], clean_ppl: float | None = None) -> Figure:
+    """The `ppl_vs_l0` curves, one line per SAE, and a dashed line at `clean_ppl`, the unmodified host's
+    perplexity (what a lossless SAE would reach), when it is given."""
+    clean = {}
+    if clean_ppl is not None and math.isfinite(clean_ppl):
+        clean[f"clean model ({clean_ppl:.3g})"] = clean_ppl
+    return plots.scatter_figure(
         {n: ([p["l0"] for p in pts], [p["spliced_ppl"] for p in pts]) for n, pts in curves.items()},
-        path,
-        "L0",
+        "L0 (active latents per token)",
         "in-domain spliced perplexity",
         "Perplexity vs L0 (held-out domain text)",
+        hlines=clean,
     )
+
+
+def ppl_vs_l0_plot(curves: Mapping[str, list[dict]], path: Path, clean_ppl: float | None = None) -> Path:
+    """`ppl_vs_l0_figure` written as a PNG at `path`."""
+    return plots.save(ppl_vs_l0_figure(curves, clean_ppl), path)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,6 +12,9 @@ from saelab.analysis import plots
 from saelab.eval.base import EvalResult
 from saelab.eval.metrics import FeatureRecovery
 from saelab.types import SAELike
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class Recovery:
@@ -39,10 +43,18 @@ class Recovery:
             data={"recovery_scores": scores.tolist()},
         )
         if self.plot:
-            res.figures["feature recovery"] = plots.histogram(
-                scores,
-                Path(out_dir) / "recovery.png",
-                "max cos(true feature, decoder rows)",
-                "Feature recovery",
-            )
+            fig = recovery_figure(scores.tolist(), self.threshold)
+            res.figures["feature recovery"] = plots.save(fig, Path(out_dir) / "recovery.png")
         return res
+
+
+def recovery_figure(scores: Sequence[float], threshold: float) -> Figure:
+    """Histogram of each true feature's max cosine to a decoder row, with a dashed line at `threshold`
+    (the features right of it count as recovered in `frac_recovered`)."""
+    frac = sum(s > threshold for s in scores) / max(len(scores), 1)
+    return plots.histogram_figure(
+        scores,
+        "max cos(true feature, decoder rows)",
+        "Feature recovery (one count per true feature)",
+        vlines={f"threshold {threshold:g}: {frac:.0%} recovered": threshold},
+    )

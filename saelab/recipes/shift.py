@@ -218,13 +218,14 @@ def run(cfg: DictConfig) -> dict:
         run_dir / "groups.png",
         "accuracy",
         "Profession accuracy per group",
+        xlabel="profession/gender group (balanced test set)",
     )
     report.add_figure("accuracy per (profession, gender) group", fig)
     fig = plots.scatter(
         {n: (list(c), list(c.values())) for n, c in scr.items()},
         run_dir / "scr.png",
         "latents ablated (N)",
-        "SCR",
+        "SCR (0 = base probe, 1 = oracle)",
         "SCR vs N",
     )
     report.add_figure("SCR vs number of ablated latents", fig)

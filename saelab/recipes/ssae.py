@@ -81,9 +81,9 @@ def run(cfg: DictConfig) -> dict:
     cov_fig = coverage_plot(headers, rows, run_dir / "coverage.png", cov_title)
     report.add_figure("coverage by frequency bin", cov_fig, heading=cov_heading)
     curves = ppl_vs_l0(ev["domain"])
-    report.add_figure(
-        "perplexity vs L0", ppl_vs_l0_plot(curves, run_dir / "ppl_vs_l0.png"), heading="Perplexity vs L0"
-    )
+    clean_ppl = next(iter(ev["domain"].values())).metrics.get("clean_ppl")  # the same for every SAE
+    ppl_fig = ppl_vs_l0_plot(curves, run_dir / "ppl_vs_l0.png", clean_ppl)
+    report.add_figure("perplexity vs L0", ppl_fig, heading="Perplexity vs L0")
     report.add_text(
         "Data selection", f"Seed docs: {selection['seed_docs']}, pool docs: {selection['pool_docs']}."
     )

@@ -8,6 +8,7 @@ directions), so exports need no transposes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -167,7 +168,11 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ io
     def load_weights(self, path: str | Path) -> None:
-        """Load W_enc/b_enc/W_dec/b_dec (and a threshold) from an export directory or a safetensors file."""
+        """Load W_enc/b_enc/W_dec/b_dec (and a threshold) from an export directory or a safetensors file.
+
+        An export whose `cfg.json` records a folded input scale s (`FOLDED_SCALE_KEY`; saelab writes one for
+        SAEs trained on s·h) holds weights that read h; they are loaded back in the units of training, s·h.
+        """
         from safetensors.torch import load_file
 
         p = Path(path)
@@ -175,6 +180,9 @@ class SAE(nn.Module):
         if not f.exists():
             raise FileNotFoundError(f"No SAE weights at {f}; point sae.init_from at an export directory.")
         sd = load_file(str(f))
+        if "log_threshold" in sd and "threshold" not in sd:  # SAELens before 6.0 stored log θ
+            sd["threshold"] = sd.pop("log_threshold").exp()
+        sd = rescale_inputs(sd, folded_scale(f.parent / "cfg.json"))
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             if sd[name].shape != getattr(self, name).shape:
                 raise ValueError(
@@ -190,6 +198,33 @@ class SAE(nn.Module):
             elif isinstance(log_th, torch.Tensor):
                 log_th.data.copy_(sd["threshold"].clamp_min(1e-12).log())
         self.b_dec_initialized.fill_(True)
+
+
+# `cfg.json` metadata key of the input scale s folded into an export's weights (see `rescale_inputs`)
+FOLDED_SCALE_KEY = "saelab_folded_scale"
+
+
+def rescale_inputs(sd: dict[str, Tensor], c: float) -> dict[str, Tensor]:
+    """The state dict of the same SAE for inputs multiplied by c > 0: b_enc, b_dec and threshold times c.
+
+    π(c·x) computed with the rescaled biases is c·π(x), and ReLU, TopK, BatchTopK and JumpReLU (with its
+    threshold rescaled) are positively homogeneous, so the rescaled SAE gives codes c·f and reconstruction
+    c·x̂ for input c·x; W_enc and W_dec are unchanged, so decoder rows keep unit norm. c = 1/s turns an SAE
+    trained on s·h into one that reads h (dictionary_learning rescales its biases the same way).
+    """
+    if c == 1.0:
+        return sd
+    if not c > 0:
+        raise ValueError(f"an input scale must be positive, got {c}.")
+    return {k: v * c if k in ("b_enc", "b_dec", "threshold") else v for k, v in sd.items()}
+
+
+def folded_scale(cfg_file: Path) -> float:
+    """The input scale folded into an export's weights (metadata `FOLDED_SCALE_KEY`), 1.0 when none is recorded."""
+    if not cfg_file.exists():
+        return 1.0
+    meta = json.loads(cfg_file.read_text()).get("metadata") or {}
+    return float(meta.get(FOLDED_SCALE_KEY) or 1.0)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from saelab.analysis.enrichment import (
     enrichment,
     fisher_greater,
     heatmap,
+    heatmap_figure,
 )
 
 
@@ -85,3 +86,6 @@ def test_planted_latent_is_ranked_first(tmp_path):
     assert 4 not in res.ranked("zinc_finger", 0, by="precision", min_support=31)
     heatmap(res, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+    ax, bar = heatmap_figure(res).axes  # the map and its colour bar, each axis named
+    assert (ax.get_xlabel(), bar.get_ylabel()) == ("annotation", "F1") and ax.get_ylabel().startswith("top 3")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["zinc_finger", "noise"]

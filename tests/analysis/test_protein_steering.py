@@ -20,6 +20,7 @@ from saelab.analysis.enrichment import count_contingency, enrichment
 from saelab.analysis.protein_steering import (
     generate,
     steering_criteria,
+    steering_figure,
     steering_metrics,
     steering_plot,
     steering_sweep,
@@ -163,3 +164,36 @@ def test_table_metrics_criteria_and_plot(host, tmp_path):
     assert steering_criteria(["transmembrane"]).startswith("transmembrane: 19-residue window")
     assert steering_plot(out, tmp_path / "s.png").exists()
     assert steering_plot({"absent": out["absent"]}, tmp_path / "none.png") is None
+
+
+def test_plot_shows_the_scores_when_no_sequence_hits():
+    """Without a single hit every rate bar has height 0; the plot still shows the table's hits/n and its
+    mean scores (with the unsteered score marked), one column per steered target."""
+
+    def run(k: int, score: float) -> dict:
+        return {"successes": k, "n": 20, "success_rate": k / 20, "mean_score": score, "p_vs_baseline": 1.0}
+
+    steering = {
+        "zinc_finger": {
+            "latents": [3],
+            "baseline": run(0, 0.08),
+            "steered": {"1": run(0, 0.11), "4": run(0, 0.17)},
+        },
+        "absent": {"skipped": "absent is not among the annotation labels"},
+    }
+    rate, score = steering_figure(steering).axes  # the skipped target has no column
+    assert [p.get_height() for p in rate.patches] == [0.0, 0.0, 0.0]
+    assert [t.get_text() for t in rate.texts] == ["0/20", "0/20", "0/20"]
+    assert [p.get_height() for p in score.patches] == pytest.approx([0.08, 0.11, 0.17])
+    assert [t.get_text() for t in score.texts] == ["0.08", "0.11", "0.17"]
+    assert any(list(line.get_ydata()) == [0.08, 0.08] for line in score.get_lines())  # the unsteered score
+    assert [t.get_text() for t in score.get_xticklabels()] == ["unsteered", "c=1", "c=4"]
+    assert rate.get_title() == "zinc_finger" and rate.get_ylabel().startswith("success rate")
+    assert score.get_ylabel() == "mean C+H fraction" and score.get_xlabel() == "clamp strength"
+    assert steering_figure({"absent": steering["absent"]}) is None
+
+
+def test_sweep_shows_progress_over_its_conditions(host, capsys):
+    sweep(host, ["absent", "toy"])
+    err = capsys.readouterr().err  # tqdm bars: one over the conditions, one over each one's host forwards
+    assert "steering" in err and "toy c=1" in err and "forward" in err

@@ -8,7 +8,7 @@ import torch
 from saelab.eval.base import EvalResult, Rescaled, Table, at_k, evaluate, in_host_units
 from saelab.eval.core import Core
 from saelab.eval.geometry import Geometry
-from saelab.eval.synthetic import Recovery
+from saelab.eval.synthetic import Recovery, recovery_figure
 from saelab.sae import SAE, ReLU, TopK
 
 
@@ -76,6 +76,20 @@ def test_recovery_counts_true_features_matched(tmp_path):
     res = Recovery(threshold=0.7, plot=False)(sae, Source([], true_features=truth), tmp_path)
     assert res.metrics["feature_recovery"] == pytest.approx((1.0 + 0.6 + 0.8) / 3, rel=1e-6)
     assert res.metrics["frac_recovered"] == pytest.approx(2 / 3)  # cos 1.0 and 0.8 pass, 0.6 does not
+
+
+def test_recovery_plot_marks_the_threshold(tmp_path):
+    (ax,) = recovery_figure([1.0, 0.6, 0.8], threshold=0.7).axes
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [0.7, 0.7] and line.get_label() == "threshold 0.7: 67% recovered"
+    assert ax.get_xlabel() and ax.get_ylabel() == "count" and ax.get_title()
+    (ax,) = recovery_figure([0.95, 0.97], threshold=0.9).axes  # a threshold left of every score
+    assert ax.get_xlim()[0] < 0.9 < ax.get_xlim()[1]
+    sae = relu_sae(d_in=3, d_sae=2)
+    truth = torch.eye(3)
+    res = Recovery()(sae, Source([], true_features=truth), tmp_path)
+    assert res.figures["feature recovery"] == tmp_path / "recovery.png"
+    assert (tmp_path / "recovery.png").exists()
 
 
 def test_evaluate_skips_what_the_source_cannot_give_and_restores_mode(tmp_path, capsys):

@@ -12,7 +12,7 @@ from torch import nn
 
 from saelab.analysis.coverage import captured_types, coverage_by_frequency, sae_coverage, token_counts
 from saelab.eval.base import EvalResult
-from saelab.eval.spliced import ce_loss_score, kl_score, ppl_vs_l0, spliced_metrics
+from saelab.eval.spliced import ce_loss_score, kl_score, ppl_vs_l0, ppl_vs_l0_figure, spliced_metrics
 from saelab.hosts.causal_lm import CausalLMHost
 from saelab.types import SAEOutput
 
@@ -194,3 +194,15 @@ def test_ppl_vs_l0_joins_each_sae_point_to_its_k_sweep():
     assert ppl_vs_l0({"g": EvalResult(metrics={"l0": 8.0, "spliced_ppl": 9.0})}) == {
         "g": [{"l0": 8.0, "spliced_ppl": 9.0}]
     }
+
+
+def test_ppl_vs_l0_plot_marks_the_clean_perplexity():
+    curves = {"general": [{"l0": 16.0, "spliced_ppl": 80.0}, {"l0": 32.0, "spliced_ppl": 60.0}]}
+    (ax,) = ppl_vs_l0_figure(curves, clean_ppl=37.3).axes
+    curve, clean = ax.get_lines()
+    assert list(curve.get_xdata()) == [16.0, 32.0] and list(curve.get_ydata()) == [80.0, 60.0]
+    assert list(clean.get_ydata()) == [37.3, 37.3] and clean.get_label().startswith("clean model")
+    assert ax.get_ylim()[0] < 37.3  # the line is inside the plot
+    assert ax.get_xlabel().startswith("L0") and ax.get_ylabel() and ax.get_title()
+    (ax,) = ppl_vs_l0_figure(curves, clean_ppl=None).axes  # no clean reference: the curves alone
+    assert len(ax.get_lines()) == 1

@@ -126,3 +126,8 @@ def test_antiberty_loads_and_predicts_masked_residues():
     ids[0, pos] = h.mask_id
     pred = h.logits(ids, b.attention_mask)[0, pos].argmax(-1)
     assert (pred == b.input_ids[0, pos]).float().mean() > 0.7
+
+
+def test_fidelity_shows_progress(host, capsys):
+    protein_fidelity(host, _sae(), 1.0, ["MKTAYIAKQR", "ACDEFGHIKL", "WWHHCCAAGG"], batch_size=2)
+    assert "protein fidelity (3 sequences)" in capsys.readouterr().err  # a tqdm bar, one tick per batch
