@@ -13,8 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from saelab.allocator import keep_freed_memory
+from saelab.checks import check_config
 from saelab.lit import end_distributed
-from saelab.train import apply_debug
+from saelab.train import apply_debug, run_dir_of
 
 PKG = Path(__file__).resolve().parent
 log = logging.getLogger("saelab")
@@ -74,7 +75,9 @@ def run_recipe(cfg: DictConfig):
             raise
         available = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available)}") from e
-    return module.run(apply_debug(cfg))
+    cfg = apply_debug(cfg)
+    check_config(cfg)  # a bad value stops here, with its key, before anything is built
+    return module.run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
@@ -82,8 +85,11 @@ def main(cfg: DictConfig):
     keep_freed_memory()
     try:
         results = run_recipe(cfg)
-    except KeyboardInterrupt:
-        msg = "saelab: interrupted; resume with `resume=auto hydra.run.dir=<this run dir>`."
+    except KeyboardInterrupt as e:  # a fit saves a checkpoint first and names it (CheckpointOnInterrupt)
+        saved = f"; {e}" if str(e) else ""
+        # a run given +run_dir= is found again by that override; otherwise name Hydra's run dir
+        where = "" if cfg.get("run_dir") else f" hydra.run.dir={run_dir_of(cfg)}"
+        msg = f"saelab: interrupted{saved}. Continue with the same overrides plus `resume=auto{where}`."
         print(msg, file=sys.stderr)
         log_to_file(logging.WARNING, msg)
         sys.exit(130)

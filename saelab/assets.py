@@ -12,20 +12,39 @@ Debian ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib.util
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 
 class AssetMissing(FileNotFoundError):
     """An offline asset is not installed; the message carries the install command."""
+
+
+class CacheNotWritable(PermissionError):
+    """A folder of the saelab cache cannot be written; the message names it and what to do."""
+
+
+class CacheLockTimeout(TimeoutError):
+    """Another process held a cache lock for longer than this one would wait; the message names it."""
+
+
+def not_writable(e: OSError) -> bool:
+    """Whether an OSError says that a path cannot be written (permissions, a read-only file system)."""
+    return e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @dataclass(frozen=True)
@@ -66,8 +85,68 @@ def cache_dir() -> Path:
     """The shared cache root (SAELAB_CACHE, default ~/.cache/saelab)."""
     root = os.environ.get("SAELAB_CACHE") or Path(os.environ.get("HOME", ".")) / ".cache" / "saelab"
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if not_writable(e):
+            raise CacheNotWritable(
+                f"cannot create the saelab cache {path} ({e.strerror}): set SAELAB_CACHE to a writable folder."
+            ) from e
+        raise
     return path
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | Path, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold the file lock `path` while building `what` (e.g. "the activation cache <dir>") in the cache.
+
+    The holder notes its pid, host and start time beside the lock (`<lock>.holder`). A process that finds
+    the lock held says so on stderr, naming the holder, and waits; after `timeout` seconds (default: the
+    environment's SAELAB_LOCK_TIMEOUT, else no limit) it stops with `CacheLockTimeout`, naming the holder.
+    A process that dies releases its lock (flock), so only a live holder ever keeps others waiting.
+    """
+    if timeout is None and (env := os.environ.get("SAELAB_LOCK_TIMEOUT")):
+        try:
+            timeout = float(env)
+        except ValueError:
+            raise ValueError(
+                f"SAELAB_LOCK_TIMEOUT={env!r} is not a number of seconds: unset it or set e.g. 3600."
+            ) from None
+    lock, note = FileLock(str(path)), Path(f"{path}.holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(
+            f"saelab: {what} is being built by {_holder(note)}; waiting for it (lock {path}).",
+            file=sys.stderr,
+        )
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise CacheLockTimeout(
+                f"{what} is still locked by {_holder(note)} after {timeout:g} s of waiting: let it finish, or "
+                "stop that process (its lock goes with it) and rerun; SAELAB_LOCK_TIMEOUT sets the wait."
+            ) from None
+    try:
+        with contextlib.suppress(OSError):  # the note only informs; a folder we cannot write fails the build
+            note.write_text(
+                json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+            )
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            note.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(note: Path) -> str:
+    """Who holds a cache lock, from its holder note: "process 123 on node7 (since 14:02:11)"."""
+    try:
+        info = json.loads(note.read_text())
+        since = time.strftime("%H:%M:%S", time.localtime(float(info["since"])))
+        return f"process {int(info['pid'])} on {info['host']} (since {since})"
+    except (OSError, ValueError, KeyError, TypeError):  # no note yet, or one being written
+        return "another process"
 
 
 def package_dir(name: str) -> Path:
@@ -105,7 +184,7 @@ def debian_dir(name: str, fetch: bool = True) -> Path:
             "or point the config at your own Swiss-Prot file."
         )
     root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
+    with cache_lock(str(root) + ".lock", f"{asset.package} in {root.parent}"):
         if (root / ".complete").exists():
             return root
         with tempfile.TemporaryDirectory(dir=root.parent) as tmp:

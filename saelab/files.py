@@ -1,5 +1,7 @@
 """File safety: atomic writes (a reader sees the old file or directory or the new one, never a half-written
-one) and file hashing.
+one), file hashing, and files read back with one clear line when they are damaged: torch files without
+running code (`load_torch`), JSON (`read_json`) and safetensors checked against a recorded sha256
+(`load_safetensors`).
 
 The temporary files and directories that atomic writes rename into place are created private (mkstemp
 0600, mkdtemp 0700); `umask_mode` gives them the mode a plain open() or mkdir() would, so a colleague
@@ -10,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def umask_mode(directory: bool = False) -> int:
@@ -113,3 +117,104 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class RefusedFile(RuntimeError):
+    """A torch file saelab reads back (checkpoint, host cache) that it will not load: it holds pickled
+    objects other than tensors and plain values, or it is damaged. The message names the file and the fix."""
+
+
+@contextlib.contextmanager
+def refuse_unsafe(path: str | Path, remedy: str) -> Iterator[None]:
+    """Turn the errors of a `weights_only=True` torch load of `path` into one `RefusedFile` line + `remedy`.
+
+    A pickle that imports anything beyond tensors and plain containers (`os.system`, a class whose
+    `__reduce__` runs code) is stopped by torch's restricted unpickler before it runs; saelab never writes
+    such a file, so one in a run directory or cache was put there by something else.
+    """
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        found = re.search(r"GLOBAL (\S+)", msg)
+        if found or any(w in msg for w in ("call reduce", "new object", "is blocked")):
+            what = f", here {found.group(1)}" if found else ""
+            raise RefusedFile(
+                f"{path} holds pickled Python objects besides tensors{what}; loading it could run code, so "
+                f"saelab refuses to. {remedy}"
+            ) from e
+        raise RefusedFile(
+            f"{path} is not a readable torch file (damaged or of another kind). {remedy}"
+        ) from e
+    except (EOFError, RuntimeError) as e:  # truncated or not a zip archive at all
+        if isinstance(e, RefusedFile):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefusedFile(f"{path} is not a readable torch file ({first}). {remedy}") from e
+
+
+class CorruptFile(ValueError):
+    """A file saelab reads back (an export's cfg.json or weights) that is unreadable, fails its checksum or
+    contradicts itself; the message names the file, the field and the fix."""
+
+
+def check_sha256(path: str | Path, expected: str, remedy: str) -> None:
+    """Raise `CorruptFile` (naming `path` and `remedy`) unless the file's sha256 is `expected`."""
+    got = sha256_file(path)
+    if got != expected:
+        raise CorruptFile(
+            f"{path} fails its checksum (sha256 {got[:12]}…, recorded {str(expected)[:12]}…): it changed after "
+            f"it was written. {remedy}"
+        )
+
+
+def read_json(path: str | Path, remedy: str) -> Any:
+    """The JSON value in `path`; damaged JSON raises `CorruptFile` naming the file, the place and `remedy`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFile(f"{path} is not valid JSON ({e}). {remedy}") from e
+
+
+# safetensors header metadata saelab writes: a checksum recorded beside the file (an export's cfg.json)
+# applies only to a file that carries it. SAELens's `save_model` copies cfg.json's metadata, checksum
+# included, but writes a header without it, so an export it rewrites (e.g. after fine-tuning) still loads.
+WRITER_TAG = {"written_by": "saelab"}
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path) -> str:
+    """Write `tensors` to `path` with saelab's header tag (`WRITER_TAG`) and return the file's sha256."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=WRITER_TAG)
+    return sha256_file(path)
+
+
+def load_safetensors(path: str | Path, remedy: str, sha256: str | None = None) -> dict[str, Any]:
+    """The tensors of a safetensors file on the CPU; a damaged file raises `CorruptFile` naming it and `remedy`
+    (safetensors' own error names no file). A `sha256` recorded when saelab wrote the file is checked first;
+    it is ignored when the header lacks saelab's tag (another tool rewrote the file, see `WRITER_TAG`)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if sha256 is not None:
+            with safe_open(str(path), "pt") as f:
+                ours = (f.metadata() or {}).items() >= WRITER_TAG.items()
+            if ours:
+                check_sha256(path, sha256, remedy)
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CorruptFile(f"{path} is not a readable safetensors file ({e}). {remedy}") from e
+
+
+def load_torch(path: str | Path, remedy: str) -> Any:
+    """`torch.load(path)` on the CPU with `weights_only=True` (tensors and plain values only, whatever
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says); a refused or damaged file raises `RefusedFile` naming it and
+    `remedy` (what the user should do, e.g. "Delete it; saelab then trains sasrec again.")."""
+    import torch
+
+    with refuse_unsafe(path, remedy):
+        return torch.load(path, map_location="cpu", weights_only=True)

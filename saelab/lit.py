@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from saelab import health
 from saelab.eval.base import batch_acts
 from saelab.eval.metrics import L0, DeadFraction, ExplainedVariance
 from saelab.objectives import Objective
@@ -67,6 +68,7 @@ class LitSAE(pl.LightningModule):
         dead_window_tokens: a latent is dead once it has not fired for this many training tokens (Gao et al.).
         seed: seeds the per-step randomness of loss terms (random chunks, prefixes).
         log_every: log training scalars every n steps.
+        on_degenerate: "warn" or "stop" when the run diverges or cannot become sparse (`saelab.health`).
     """
 
     sae: SAE | ResidualSAE
@@ -81,6 +83,7 @@ class LitSAE(pl.LightningModule):
         dead_window_tokens: int = 10_000_000,
         seed: int = 0,
         log_every: int = 10,
+        on_degenerate: str = "warn",
     ) -> None:
         super().__init__()
         self.sae, self.objective = sae, objective
@@ -94,6 +97,8 @@ class LitSAE(pl.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
         self.val_l0, self.val_ev = L0(), ExplainedVariance(sae.d_in)
         self.val_dead = DeadFraction(sae.d_sae)
+        self.on_degenerate = health.check_mode(on_degenerate)
+        self.health_warnings: list[str] = []  # what `saelab.health` flagged in this fit, for the report
 
     # ------------------------------------------------------------------ training
     def dead_mask(self) -> Tensor:
@@ -191,17 +196,17 @@ class LitSAE(pl.LightningModule):
         self.val_dead.update(self._fired_counts(out), x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
+        ev, dead = self.val_ev.compute(), self.val_dead.compute()
         self.log_dict(
-            {
-                "val/l0": self.val_l0.compute(),
-                "val/explained_variance": self.val_ev.compute(),
-                "val/dead_frac": self.val_dead.compute(),
-            },
+            {"val/l0": self.val_l0.compute(), "val/explained_variance": ev, "val/dead_frac": dead},
             # compute() has already reduced over ranks; sync_dist says so to Lightning, which warns otherwise
             sync_dist=True,
         )
         for m in (self.val_l0, self.val_ev, self.val_dead):
             m.reset()
+        if not self.trainer.sanity_checking:  # the untrained model is no sign of divergence
+            where = f"at the validation of step {self.global_step}"
+            health.check_divergence(self, float(ev), float(dead), where)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):

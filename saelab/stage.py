@@ -25,11 +25,15 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, open_dict
 
+from saelab import health
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
+from saelab.checks import ConfigError, check_config
 from saelab.eval.base import EvalResult, Evaluator, evaluate
-from saelab.files import atomic_write_bytes
+from saelab.files import atomic_write_bytes, load_torch
 from saelab.io import save_sae, source_metadata
+from saelab.io.saelens import check_exportable
 from saelab.report import Report
+from saelab.sae import ResidualSAE
 from saelab.train import fit, log_summary, make_logger, plain, progress_bar, wandb_scope
 
 HostModule = TypeVar("HostModule", bound=pl.LightningModule)  # host_stage returns the type it is given
@@ -110,6 +114,10 @@ def train_stage(
         report: for single-stage recipes: builds the run's report from this stage's result; it is written
             (`Report.write`) into this stage's W&B run, so the run has one W&B run, not two.
     """
+    check_config(cfg)  # recipes called from Python and derived stage configs are checked here too
+    if cfg.get("export", True):
+        sae = sae if sae is not None else instantiate(cfg.sae)
+        check_export(sae)  # an SAE that cannot be exported stops now, not after its training
     res = fit(cfg, run_dir, stage=name, datamodule=datamodule, sae=sae)
     dm, trainer = res.datamodule, res.trainer
     out = StageResult(name, res.sae, dm, seconds=res.seconds, steps=int(trainer.global_step))
@@ -130,8 +138,24 @@ def train_stage(
         out.metrics |= {"train/seconds": res.seconds, "train/steps": out.steps}
         log_summary(res.logger, out.metrics)
         if report is not None:
-            out.results = report(out).write(res.logger)
+            out.results = write_report(report(out), res.logger)
     return out
+
+
+def check_export(sae: Any) -> None:
+    """`ConfigError` naming the keys to change when `save_sae` could not write `sae`: a residual SAE exports
+    as one stitched JumpReLU SAE, which needs a threshold for every latent of base and residual."""
+    try:
+        check_exportable(sae)
+    except TypeError as e:
+        if not isinstance(sae, ResidualSAE):
+            raise ConfigError(f"{e}; choose another sae.activation, or set export=false.") from e
+        base, res = (type(m.activation).__name__ for m in (sae.base, sae.residual))
+        raise ConfigError(
+            f"sae=residual on a {base} base (sae.base.path) with a {res} residual cannot be exported: the "
+            "stitched export needs ReLU, JumpReLU or BatchTopK in both; use such a base export and "
+            "sae.residual.activation, or set export=false to train without an export."
+        ) from e
 
 
 def evaluate_stage(
@@ -185,8 +209,9 @@ def host_stage(
     """
     cache = run_dir / "host" / f"{name}.pt"
     if cache.exists():
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
-        if blob.get("key") == key:
+        # tensors and plain values only: a cache whose pickle would run code is refused (RefusedFile)
+        blob = load_torch(cache, f"Delete it; saelab then trains {name} again.")
+        if isinstance(blob, dict) and blob.get("key") == key:
             module.load_state_dict(blob["state_dict"])
             return module.eval().requires_grad_(False), {f"{name}/seconds": 0.0, f"{name}/cached": True}
         print(f"saelab: {cache} was trained with other settings; training {name} again.")
@@ -219,7 +244,7 @@ def host_stage(
         )
         seconds = time.perf_counter() - t0
     if monitor and best.best_model_path:
-        sd = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        sd = load_torch(best.best_model_path, f"Delete {ckpt_dir} and run again.")["state_dict"]
         module.load_state_dict(sd)
     buf = io.BytesIO()
     torch.save({"key": key, "state_dict": module.state_dict()}, buf)
@@ -231,4 +256,16 @@ def finish(cfg: DictConfig, report: Report, stage: str = "report") -> dict:
     """Write the report (results.json, report.md, terminal) and log it to its own W&B run in the group."""
     logger = make_logger(cfg, report.run_dir, stage)
     with wandb_scope(logger):
-        return report.write(logger)
+        return write_report(report, logger)
+
+
+def write_report(report: Report, logger: Any = None) -> dict:
+    """`report.write(logger)` with the warnings of the run's fits (`saelab.health`): in results.json
+    (`warnings`) and report.md, and repeated on stderr below the terminal report."""
+    found = health.recorded(report.run_dir)
+    if found and "warnings" not in report.data:
+        report.add_data("warnings", found)
+        report.add_text("Warnings", "\n".join(f"- {w}" for w in found))
+    results = report.write(logger)
+    health.remind(found)
+    return results

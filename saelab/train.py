@@ -19,7 +19,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
-from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
+from saelab import health
+from saelab.checkpoint import (
+    LAST,
+    AtomicCheckpointIO,
+    CheckpointOnInterrupt,
+    ConfigInCheckpoint,
+    config_differences,
+    is_rank_zero,
+    newest_checkpoint,
+    read_checkpoint,
+    remove_superseded,
+    remove_temporaries,
+)
 from saelab.lit import LitSAE
 from saelab.objectives import Objective
 
@@ -156,6 +168,7 @@ def build_lit(cfg: DictConfig, sae) -> LitSAE:
         dead_window_tokens=cfg.lit.dead_window_tokens,
         seed=cfg.seed,
         log_every=cfg.lit.log_every,
+        on_degenerate=cfg.lit.get("on_degenerate", "warn"),
     )
 
 
@@ -219,31 +232,109 @@ def _announce(logger) -> None:
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    if not cfg.get("resume"):
+    """The checkpoint this fit continues from, or None to train from step 0; `ckpt_dir` is where it writes.
+
+    `resume=auto` takes the newest complete checkpoint in `ckpt_dir` (last.ckpt, or the step checkpoint a
+    kill during the last.ckpt write left newer) and refuses it, naming the keys, when it was written under
+    other settings than `cfg` in anything but `checkpoint.RESUMABLE` (the step budget, where and how the
+    run is logged). `resume=<path>` is the deliberate choice: a difference is only noted. A fit that would
+    write into a `ckpt_dir` holding checkpoints it does not continue refuses to, so nothing is overwritten
+    and each stage keeps one last.ckpt.
+    """
+    resume = cfg.get("resume")
+    if resume == "auto":
+        found = newest_checkpoint(ckpt_dir)
+        if found is None:
+            _refuse_to_overwrite(ckpt_dir, "move them away")  # e.g. last-v1.ckpt of older saelab versions
+            _say(f"resume=auto: no checkpoint in {ckpt_dir} yet; training from step 0.")
+            return None
+        path, ckpt = found
+        stored = ckpt.get("saelab_config")
+        if not isinstance(stored, dict):
+            raise ValueError(
+                f"resume=auto: {path} records no saelab config, so it cannot be checked to be this run's: "
+                f"resume={path} continues it as it is, or start this run in a new run dir."
+            )
+        if differences := config_differences(stored, cfg):
+            raise ValueError(
+                f"resume=auto: {path} was written by a run with other settings ({_listed(differences)}): "
+                "continue it with that run's overrides, or start this run in a new run dir."
+            )
+        if path.name != LAST:
+            _say(
+                f"resume=auto: {ckpt_dir / LAST} is missing or older (a write was killed); resuming from "
+                f"{path.name} at step {ckpt.get('global_step')}, the newest complete checkpoint."
+            )
+        if is_rank_zero() and (removed := remove_superseded(ckpt_dir, cfg)):
+            _say(f"removed step checkpoints a kill left behind: {', '.join(p.name for p in removed)}.")
+        return str(path)
+    if not resume:
+        _refuse_to_overwrite(ckpt_dir)
         return None
-    if cfg.resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.exists() else None
-    path = Path(cfg.resume)
+    path = Path(resume)
     if not path.exists():
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint. Use a .ckpt path or resume=auto.")
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint. Use a .ckpt path or resume=auto.")
+    stored = read_checkpoint(path).get("saelab_config")
+    if isinstance(stored, dict) and (differences := config_differences(stored, cfg)):
+        _say(f"resume={path}: its run had other settings ({_listed(differences)}); continuing under these.")
+    if path.resolve().parent != ckpt_dir.resolve():
+        _refuse_to_overwrite(ckpt_dir)
     return str(path)
+
+
+def _refuse_to_overwrite(
+    ckpt_dir: Path, remedy: str = "add resume=auto to continue the run that wrote them"
+) -> None:
+    held = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if held:
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints ({_listed(held, 3)}) that this run would overwrite: "
+            f"{remedy}, or start this run in a new run dir."
+        )
+
+
+def _listed(items: list[str], most: int = 6) -> str:
+    more = f"; {len(items) - most} more" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
+def _say(msg: str) -> None:
+    if is_rank_zero():
+        print(f"saelab: {msg}", flush=True)
+
+
+def _remove_leftovers(run_dir: Path, stage: str, ckpt_dir: Path) -> None:
+    """Remove what a run killed mid-write left: checkpoint temporaries, and export temporaries where the
+    recipes export (<run>/sae, <run>/<stage>/sae)."""
+    if is_rank_zero() and (removed := remove_temporaries(ckpt_dir, run_dir, run_dir / stage)):
+        names = ", ".join(str(p.relative_to(run_dir)) for p in removed)
+        _say(f"removed the temporary files a killed run left: {names}.")
 
 
 def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, sae=None) -> FitResult:
     """Build (unless given) and train one SAE; checkpoints go to <run_dir>/checkpoints/<stage>/."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = run_dir / "checkpoints" / stage
+    _remove_leftovers(run_dir, stage, ckpt_dir)
+    ckpt_path = resolve_resume(cfg, ckpt_dir)  # before anything is built: a refusal costs nothing
     dm = datamodule if datamodule is not None else instantiate(cfg.data)
     if getattr(dm, "d_in", None) is None:
         raise ValueError("the data source declares no d_in: set data.d_in to the activation width.")
     sae = sae if sae is not None else instantiate(cfg.sae)
     lit = build_lit(cfg, sae)
-    ckpt_dir = run_dir / "checkpoints" / stage
+    health.before_fit(lit)  # a schedule that cannot be built, an objective that cannot make the SAE sparse
+    on_interrupt = CheckpointOnInterrupt(ckpt_dir / LAST, f"checkpoints/{stage}/{LAST}")
     callbacks = [
+        # no version counter: one last.ckpt per stage (resolve_resume keeps other runs' checkpoints out)
         pl.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_train_steps=cfg.checkpoint.every_n_steps
+            dirpath=ckpt_dir,
+            save_last=True,
+            save_top_k=1,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            enable_version_counter=False,
         ),
         ConfigInCheckpoint(plain(cfg)),
+        on_interrupt,
         *progress_bar(stage, cfg.trainer.get("enable_progress_bar", True)),
     ]
     logger = make_logger(cfg, run_dir, stage, start=False)
@@ -256,8 +347,14 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
     )
     start_run(logger, cfg)
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm, ckpt_path=resolve_resume(cfg, ckpt_dir))
-    return FitResult(lit, dm, trainer, logger, time.perf_counter() - t0)
+    with on_interrupt.guard(trainer):
+        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+    seconds = time.perf_counter() - t0
+    if trainer.is_global_zero:
+        remove_superseded(ckpt_dir, cfg)  # a step checkpoint this fit resumed from, once a newer one exists
+    health.after_fit(lit, dm, trainer)  # under lit.on_degenerate=stop a diverged SAE is never exported
+    health.record(run_dir, stage, lit.health_warnings)
+    return FitResult(lit, dm, trainer, logger, seconds)
 
 
 @contextlib.contextmanager

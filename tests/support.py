@@ -16,6 +16,19 @@ import torch
 
 from saelab.hosts.causal_lm import embedded_model_dir
 
+
+def synthetic_small(batch_size: int = 64, d_sae: int = 64) -> list[str]:
+    """Overrides for a small synthetic SAE run (d_in 32, 128 planted features, k 4): fits in seconds."""
+    return [
+        "data.d_in=32",
+        "data.n_features=128",
+        f"data.batch_size={batch_size}",
+        f"sae.d_sae={d_sae}",
+        "sae.activation.k=4",
+        "data.mean_active=4",
+    ]
+
+
 # five unrelated English sentences (physics and everyday topics) for tiny text corpora
 SENTENCES = [
     "The electron is a subatomic particle with a negative electric charge.",

@@ -13,6 +13,7 @@ from conftest import CONF, ROOT, compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from support import synthetic_small
 from torch.utils.data import TensorDataset
 
 import saelab.stage
@@ -22,12 +23,7 @@ from saelab.stage import evaluate_stage, finish, host_stage
 from saelab.train import fit, run_name
 
 SMALL = [
-    "data.d_in=32",
-    "data.n_features=128",
-    "data.batch_size=64",
-    "sae.d_sae=64",
-    "sae.activation.k=4",
-    "data.mean_active=4",
+    *synthetic_small(),
     "trainer.val_check_interval=6",
     "trainer.limit_val_batches=1",
 ]

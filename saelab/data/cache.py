@@ -44,6 +44,7 @@ IterableDataset for `DataLoader(batch_size=None)`), `CacheCorrupt`, `FeistelPerm
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -57,9 +58,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch.utils.data import IterableDataset
 
+from saelab.assets import CacheNotWritable, cache_lock, not_writable
 from saelab.files import atomic_write_json, sha256_file, umask_mode
 
 FORMAT = 1
@@ -288,7 +289,9 @@ def build_cache(
 ) -> ActivationCache:
     """Open the cache for this content key under `root`, building it from `producer` if absent.
 
-    Concurrent callers with the same key: one builds (under the file lock), the rest wait and reuse.
+    Concurrent callers with the same key: one builds (under the file lock), the rest wait and reuse; a
+    waiting caller says who holds the lock, and after `lock_timeout` seconds (< 0: the default of
+    `saelab.assets.cache_lock`) gives up with an error that names it.
     The returned cache has `.built == True` in the process that built it.
     """
     if dtype not in _DTYPES:
@@ -296,13 +299,15 @@ def build_cache(
     if tokens_per_shard < 1:
         raise ValueError("tokens_per_shard must be >= 1.")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     parts = _key_parts(host_id, hook, corpus_fingerprint, d_in, dtype, max_tokens, extra)
     key = cache_key(host_id, hook, corpus_fingerprint, d_in, dtype, max_tokens, extra)
     final = root / key
     if (final / MANIFEST).exists():  # the manifest appears only with the renamed, complete directory
-        return ActivationCache(final, verify=verify)
-    with FileLock(str(root / f"{key}.lock"), timeout=lock_timeout):
+        return ActivationCache(final, verify=verify)  # (a read-only cache serves the caches it holds)
+    with _writable(root):
+        root.mkdir(parents=True, exist_ok=True)
+    timeout = None if lock_timeout < 0 else lock_timeout
+    with _writable(root), cache_lock(root / f"{key}.lock", f"the activation cache {final}", timeout):
         if (final / MANIFEST).exists():
             return ActivationCache(final, verify=verify)
         for stale in root.glob(f".{key}.tmp-*"):  # left by a killed build; we hold the lock
@@ -351,6 +356,21 @@ def build_cache(
     cache = ActivationCache(final, verify=verify)
     cache.built = True
     return cache
+
+
+@contextlib.contextmanager
+def _writable(root: Path) -> Iterator[None]:
+    """Turn a permission error under the cache root `root` into one line that says what to do."""
+    try:
+        yield
+    except OSError as e:
+        if not_writable(e):
+            raise CacheNotWritable(
+                f"cannot write the activation cache under {root} ({e.strerror}): make it writable, point "
+                "data.cache_dir (or SAELAB_CACHE) at a writable folder, or set data.cache=false to stream "
+                "activations without caching them."
+            ) from e
+        raise
 
 
 class _progress:

@@ -178,11 +178,17 @@ def pack(
 
 
 def harvest(
-    host, contexts: Contexts, batch_size: int = 16, desc: str = "harvest", progress: bool = True
+    host,
+    contexts: Contexts,
+    batch_size: int = 16,
+    desc: str = "harvest",
+    progress: bool = True,
+    d_in: int | None = None,
 ) -> Iterator[tuple[Float[Tensor, "n d_in"], Int[Tensor, " n"], dict[str, Tensor]]]:
     """Yield (acts, token_ids, columns) chunks of the SAE positions, `batch_size` contexts per host forward.
 
     `columns`: the contexts' per-position columns at those positions ("doc_id", "doc_pos" when packed).
+    `d_in`: the width the caller declared (`data.d_in`), checked against the host's activations.
     """
     bar = tqdm(
         total=contexts.n_tokens, desc=desc, unit="tok", unit_scale=True, leave=False, disable=not progress
@@ -191,6 +197,11 @@ def harvest(
         for i in range(0, len(contexts), batch_size):
             c = contexts.slice(i, i + batch_size)
             h = host.activations(c.input_ids, c.attention_mask)  # (B, T, d_in)
+            if d_in is not None and h.shape[-1] != d_in:
+                raise ValueError(
+                    f"the host's activations have width {h.shape[-1]}, but data.d_in={d_in}: set "
+                    f"data.d_in={h.shape[-1]}, or drop the data.d_in override (it follows data.host.d_in)."
+                )
             m = c.sae_mask.to(h.device)
             acts = h[m].float().cpu()  # (n, d_in): BOS and padding dropped
             bar.update(acts.shape[0])
@@ -256,8 +267,16 @@ class _Live:
     _key: tuple[int, int] | None  # (epoch, window) held in `_window`
     _window: tuple[Tensor, Tensor, Tensor] | None  # that window's (acts, token_ids, row permutation)
 
-    def __init__(self, host, contexts: Contexts, batch_size: int, harvest_batch: int, seed: int) -> None:
-        self.host, self.contexts, self.batch_size = host, contexts, int(batch_size)
+    def __init__(
+        self,
+        host,
+        contexts: Contexts,
+        batch_size: int,
+        harvest_batch: int,
+        seed: int,
+        d_in: int | None = None,
+    ) -> None:
+        self.host, self.contexts, self.batch_size, self.d_in = host, contexts, int(batch_size), d_in
         self.harvest_batch, self.seed = max(1, int(harvest_batch)), int(seed)
         self.lengths = contexts.sae_mask.sum(1)  # SAE positions per context
         self.n = int(self.lengths.sum())
@@ -290,7 +309,8 @@ class _Live:
         k1 = int(torch.searchsorted(cum, stop, right=False))
         sel = order[k0:k1]
         c = self.contexts.select(sel)
-        acts, ids, _ = zip(*harvest(self.host, c, self.harvest_batch, progress=False), strict=True)
+        chunks = harvest(self.host, c, self.harvest_batch, progress=False, d_in=self.d_in)
+        acts, ids, _ = zip(*chunks, strict=True)
         off = start - int(cum[k0])
         return torch.cat(acts)[off : off + stop - start], torch.cat(ids)[off : off + stop - start]
 
@@ -414,7 +434,7 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
             desc = f"harvest {split} ({getattr(corpus, 'name', 'texts')})"
 
             def producer():
-                return harvest(self.host, self.contexts(split), self.harvest_batch, desc)
+                return harvest(self.host, self.contexts(split), self.harvest_batch, desc, d_in=self.d_in)
 
             store: ActivationCache | ActivationStore
             if self.cache:
@@ -514,7 +534,9 @@ class TextActivations(StreamPosition, pl.LightningDataModule):
     def live(self) -> _Live:
         """The cache=False training source (contexts run through the host as training reads them)."""
         if self._live is None:
-            self._live = _Live(self.host, self.train_contexts, self.batch_size, self.harvest_batch, self.seed)
+            self._live = _Live(
+                self.host, self.train_contexts, self.batch_size, self.harvest_batch, self.seed, self.d_in
+            )
         return self._live
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -14,10 +14,17 @@ model's main layer list). A wrong name fails with the list of valid ones.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import socket
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor, nn
+
+HUB_PROBE_SECONDS = 3.0  # how long the HF hub may take to accept a connection before it counts as unreachable
 
 
 class StopForward(Exception):
@@ -33,6 +40,53 @@ def right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Te
         ids[j, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         att[j, : len(s)] = 1
     return ids, att
+
+
+def hub_access(source: str) -> tuple[dict, str | None]:
+    """(extra `from_pretrained` kwargs, why the HF hub cannot be used) for a model id or local folder.
+
+    Offline (`HF_HUB_OFFLINE`), or when the hub's host (or the https proxy) does not accept a connection
+    within `HUB_PROBE_SECONDS`, a model id is read from the local HF cache only (`local_files_only`): a
+    machine without network then fails in seconds instead of after huggingface_hub's retries (about a
+    minute), and `why` says what the error message should. A local folder needs no hub.
+    """
+    if os.path.isdir(source):
+        return {}, None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return {"local_files_only": True}, "HF_HUB_OFFLINE is set"
+    url = urlsplit(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or host, p.port or 80
+    if _reachable(host, port):
+        return {}, None
+    return {"local_files_only": True}, f"{host} cannot be reached (no network?)"
+
+
+@functools.lru_cache(maxsize=8)
+def _reachable(host: str, port: int) -> bool:
+    """Whether `host:port` accepts a TCP connection within `HUB_PROBE_SECONDS` (asked once per process)."""
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+def hub_error(source: str, key: str, why: str | None, err: BaseException, offline_default: str) -> str:
+    """One line for a model that `from_pretrained` could not load: the config key, why, and what to do."""
+    if why:
+        return (
+            f"cannot load {source!r} ({key}): {why} and it is not in the local HF cache; download it where "
+            f"the hub is reachable, or use the offline default {offline_default}."
+        )
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return f"cannot load {source!r} ({key}): {first}; check the id, or use the offline default {offline_default}."
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -6,7 +6,8 @@ plain HF folder under `<cache_dir>/models/` (file lock + atomic rename), because
 `save_pretrained` on GGUF-loaded models; every later load reads that folder in well under a second.
 
 Any other model id (Pythia, GPT-2, Gemma-2, Llama) or local folder goes straight to
-`from_pretrained`, which honours `HF_HUB_OFFLINE`.
+`from_pretrained`, which honours `HF_HUB_OFFLINE`; when the hub cannot be reached it reads the local HF
+cache only, so a machine without network fails in seconds (`saelab.hosts.base.hub_access`).
 
 Surface (shared with the other hosts, see `saelab.hosts.base`):
   * `activations(input_ids, attention_mask) -> [batch, seq, d_in]`: the hook block's output, with the
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from saelab.assets import cache_dir, package_dir
-from saelab.hosts.base import layer_list, replace_output, resolve_hook, run_until
+from saelab.assets import CacheNotWritable, cache_dir, cache_lock, not_writable, package_dir
+from saelab.hosts.base import hub_access, hub_error, layer_list, replace_output, resolve_hook, run_until
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -56,15 +57,27 @@ _DTYPES = {
 
 def embedded_model_dir(key: str = "smollm2") -> Path:
     """HF folder of an embedded model, converted from its GGUF file on first use (locked, atomic)."""
-    from filelock import FileLock
-
     pkg, gguf_name, folder = EMBEDDED[key]
     out = cache_dir() / "models" / folder
     if (out / "config.json").exists() and (out / ".complete").exists():
         return out
     src = package_dir(pkg)
+    try:
+        return _convert(src, gguf_name, out)
+    except OSError as e:
+        if not_writable(e):
+            raise CacheNotWritable(
+                f"cannot write the converted {key} model to {out.parent} ({e.strerror}): make it writable, or "
+                "set SAELAB_CACHE to a writable folder (the conversion runs once)."
+            ) from e
+        raise
+
+
+def _convert(src: Path, gguf_name: str, out: Path) -> Path:
+    """Dequantise `src/gguf_name` into the HF folder `out`, unless another process just did."""
+    folder = out.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    with cache_lock(str(out) + ".lock", f"the converted model {out}"):
         if (out / ".complete").exists():
             return out
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -94,26 +107,29 @@ def _load(
     """(model, tokenizer), loaded once per process and shared by every host on the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw: dict[str, Any]
     if model in EMBEDDED:
-        path, kw = str(embedded_model_dir(model)), {}
+        path = embedded_model_dir(model)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged folder fails in many ways (safetensors, JSON, ...)
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            raise RuntimeError(
+                f"the converted model {path} cannot be read ({type(e).__name__}: {reason}): delete that folder "
+                "and the next run converts it again."
+            ) from e
     else:
-        path, kw = model, ({"gguf_file": gguf_file} if gguf_file else {})
+        kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         if revision:
             kw["revision"] = revision
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **kw)
-    except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        hint = (
-            "HF_HUB_OFFLINE is set, so only models already in the HF cache load; "
-            if offline
-            else "check the model id and your network; "
-        )
-        raise OSError(
-            f"could not load causal LM {model!r}: {hint}or use the embedded offline default data/host=smollm2. ({e})"
-        ) from e
+        hub, why = hub_access(model)  # no network: fail in seconds, from the local HF cache only
+        try:
+            tok = AutoTokenizer.from_pretrained(model, **kw, **hub)
+            lm = AutoModelForCausalLM.from_pretrained(model, dtype=_DTYPES[dtype], **kw, **hub)
+        except OSError as e:
+            raise OSError(hub_error(model, "data.host.model", why, e, "data/host=smollm2")) from e
     # PreTrainedModel.to is decorated with functools.wraps(nn.Module.to); typeshed's _Wrapped does not bind
     # self, so mypy wants the model as the first argument
     lm.to(device).eval()  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saelab.assets import PYPI, cache_dir, package_dir
+from saelab.assets import PYPI, cache_dir, not_writable, package_dir
 from saelab.files import sha256_file
 
 
@@ -104,7 +104,16 @@ class SentenceEmbedder:
             def save(idx: np.ndarray, vecs: np.ndarray) -> None:
                 if self.cache_root is not None:
                     digests = np.frombuffer(b"".join(keys[missing[j]] for j in idx), dtype=np.uint8)
-                    self._save_part(digests.reshape(len(idx), 32), vecs)
+                    try:
+                        self._save_part(digests.reshape(len(idx), 32), vecs)
+                    except OSError as e:
+                        if not not_writable(e):
+                            raise
+                        # a read-only cache still serves what it holds; new embeddings are only not kept
+                        print(
+                            f"saelab: {self.cache_root} is not writable ({e.strerror}); not caching embeddings."
+                        )
+                        self.cache_root = None
 
             new = self._embed([texts[i] for i in missing], on_chunk=save)
             known.update(zip((keys[i] for i in missing), new, strict=True))

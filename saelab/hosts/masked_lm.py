@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from saelab.hosts.base import replace_output, resolve_hook, run_until
+from saelab.hosts.base import hub_access, hub_error, replace_output, resolve_hook, run_until
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -213,14 +213,12 @@ def load_masked_lm(
     else:
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-        local = os.path.isdir(source)
-        if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(
-                f"{source!r} is not a local directory and HF_HUB_OFFLINE=1; use data/host=antiberty offline "
-                "or unset HF_HUB_OFFLINE to download the model."
-            )
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForMaskedLM.from_pretrained(source)
+        hub, why = hub_access(source)  # no network: fail in seconds, from the local HF cache only
+        try:
+            tok = AutoTokenizer.from_pretrained(source, **hub)
+            model = AutoModelForMaskedLM.from_pretrained(source, **hub)
+        except OSError as e:
+            raise OSError(hub_error(source, "data.host.source", why, e, "data/host=antiberty")) from e
         host = _from_tokenizer(model, tok, hook, name=os.path.basename(source.rstrip("/")) or source)
         host.model_id = source
     host.model.to(device=device, dtype=getattr(torch, dtype))

@@ -13,6 +13,12 @@ the written weights (b_enc, b_dec and threshold ÷ s, `saelab.sae.model.rescale_
 gives codes f(s·h)/s and reconstruction x̂(s·h)/s for h. `metadata.act_scale` and
 `metadata.saelab_folded_scale` record s; `load_sae` multiplies it back in, returning the SAE as trained.
 `source_metadata` names the host model, hook, context size, BOS and data set the way SAELens does.
+
+`metadata.saelab_weights_sha256` is the sha256 of `sae_weights.safetensors`; `load_sae` and `sae.init_from`
+check it (exports without one, from SAELens or an older saelab, load unchecked, as do weights another tool
+rewrote: `saelab.files.WRITER_TAG`), and `load_sae` checks that
+`cfg.json` is consistent (known architecture, positive integer d_in/d_sae, k ≤ d_sae, tensor shapes) before
+building anything, so a damaged export stops with one line naming the file and the field.
 """
 
 from __future__ import annotations
@@ -22,11 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from saelab.files import atomic_dir
+from saelab.files import CorruptFile, atomic_dir, save_safetensors
 from saelab.sae import SAE, BatchTopK, JumpReLU, ReLU, ResidualSAE, TopK
-from saelab.sae.model import FOLDED_SCALE_KEY, folded_scale, rescale_inputs
+from saelab.sae.model import (
+    FOLDED_SCALE_KEY,
+    WEIGHTS_FILE,
+    WEIGHTS_SHA256_KEY,
+    fix_export,
+    read_export,
+    rescale_inputs,
+    scale_of,
+)
 
 SAELENS_VERSION = (
     "6.54.12"  # the format version written (v6 layout; checked with sae_lens.SAE.load_from_disk)
@@ -85,6 +98,16 @@ def _stitched(sae: ResidualSAE) -> tuple[dict[str, torch.Tensor], dict, torch.Te
         {"stitched": [base.d_sae, res.d_sae]},
         torch.cat([th_b, th_r]),
     )
+
+
+def check_exportable(sae: SAE | ResidualSAE) -> None:
+    """Raise the TypeError `save_sae` would raise for this SAE's architecture, without writing anything:
+    `saelab.stage.train_stage` calls it before the fit, so a run that could not be exported stops before
+    it trains, not after."""
+    if isinstance(sae, ResidualSAE):
+        _stitched(sae)
+    else:
+        _activation_spec(sae.activation)
 
 
 def source_metadata(source: Any) -> dict[str, Any]:
@@ -176,26 +199,72 @@ def save_sae(
         },
     }
     with atomic_dir(path) as tmp:
-        save_file(sd, str(tmp / "sae_weights.safetensors"))
+        cfg["metadata"][WEIGHTS_SHA256_KEY] = save_safetensors(sd, tmp / WEIGHTS_FILE)
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     return Path(path)
+
+
+ARCHITECTURES = ("standard", "topk", "jumprelu")  # the SAELens architectures saelab reads
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")  # names in metadata.saelab_activation
+
+
+def _bad(cfg_file: Path, problem: str) -> CorruptFile:
+    return CorruptFile(f"{cfg_file}: {problem}. {fix_export(cfg_file.parent)}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_cfg(cfg: dict, cfg_file: Path) -> tuple[str, int, int]:
+    """(architecture, d_in, d_sae) of a `cfg.json`, after checking every field `load_sae` uses; a bad one
+    raises one line naming the file and the field."""
+    arch = cfg.get("architecture", "standard")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{cfg_file}: architecture={arch!r} is not one saelab reads ({', '.join(ARCHITECTURES)})."
+        )
+    for name in ("d_in", "d_sae"):
+        if not _positive_int(cfg.get(name)):
+            raise _bad(cfg_file, f"{name}={cfg.get(name)!r} is not a positive integer")
+    d_sae = cfg["d_sae"]
+    spec = cfg["metadata"].get("saelab_activation") if cfg.get("metadata") else None
+    if spec is not None and (not isinstance(spec, dict) or spec.get("name") not in ACTIVATIONS):
+        raise _bad(cfg_file, f"metadata.saelab_activation={spec!r} is none of {', '.join(ACTIVATIONS)}")
+    act_name = (spec or {}).get("name")
+    if act_name in ("topk", "batchtopk") or (act_name is None and arch == "topk"):
+        field, k = (
+            ("metadata.saelab_activation.k", spec["k"]) if spec and "k" in spec else ("k", cfg.get("k"))
+        )
+        if not _positive_int(k):
+            raise _bad(cfg_file, f"{field}={k!r} is not a positive integer")
+        if k > d_sae:
+            raise _bad(cfg_file, f"{field}={k} exceeds d_sae={d_sae}")
+    return arch, cfg["d_in"], d_sae
+
+
+def _check_shapes(sd: dict[str, torch.Tensor], d_in: int, d_sae: int, w_file: Path) -> None:
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if "threshold" in sd:
+        want["threshold"] = (d_sae,)
+    for name, shape in want.items():
+        if tuple(sd[name].shape) != shape:
+            raise CorruptFile(
+                f"{w_file}: {name} has shape {tuple(sd[name].shape)}, but cfg.json's d_in={d_in}, "
+                f"d_sae={d_sae} make it {shape}. {fix_export(w_file.parent)}"
+            )
 
 
 def _build_activation(arch: str, cfg: dict, d_sae: int):
     spec = (cfg.get("metadata") or {}).get("saelab_activation") or {}
     name = spec.get("name")
     if name == "batchtopk":
-        return BatchTopK(spec["k"], spec.get("threshold_momentum", 0.99))
+        return BatchTopK(spec["k"] if "k" in spec else cfg["k"], spec.get("threshold_momentum", 0.99))
     if name == "jumprelu" or (name is None and arch == "jumprelu"):
         return JumpReLU(d_sae, bandwidth=spec.get("bandwidth", 0.001))
     if name == "topk" or (name is None and arch == "topk"):
-        k = spec.get("k", cfg.get("k"))
-        if k is None:
-            raise ValueError("a topk SAELens export needs k in cfg.json (or metadata.saelab_activation).")
-        return TopK(int(k))
-    if name == "relu" or (name is None and arch == "standard"):
-        return ReLU()
-    raise ValueError(f"cannot load SAELens architecture {arch!r}: saelab reads standard, topk and jumprelu.")
+        return TopK(spec["k"] if "k" in spec else cfg["k"])  # checked by _check_cfg
+    return ReLU()
 
 
 def load_sae(path: str | Path | None, trainable: bool = False) -> SAE:
@@ -204,27 +273,34 @@ def load_sae(path: str | Path | None, trainable: bool = False) -> SAE:
     The SAE comes back as trained: an export whose inputs were scaled by s in training (`act_scale`, folded
     out on export) reads s·h again, and records s as `sae.act_scale` (1.0 otherwise). It is ready for
     inference (eval mode, no parameter gradients) unless `trainable`, which gives train mode and gradients.
+    The weights' recorded sha256 and the fields of `cfg.json` are checked first (`CorruptFile` on a mismatch).
     """
     if path is None:
         raise ValueError("no SAE export directory given (for sae=residual set sae.base.path=<export dir>).")
     path = Path(path)
-    cfg_file, w_file = path / "cfg.json", path / "sae_weights.safetensors"
+    cfg_file, w_file = path / "cfg.json", path / WEIGHTS_FILE
     if not cfg_file.exists() or not w_file.exists():
         raise FileNotFoundError(
             f"{path} is not a SAELens export: it needs cfg.json and sae_weights.safetensors."
         )
-    cfg = json.loads(cfg_file.read_text())
-    arch = cfg.get("architecture", "standard")
+    export = read_export(path)  # checksum, readable JSON and tensors; a folded input scale multiplied back in
+    cfg = export.cfg
     if cfg.get("normalize_activations", "none") not in ("none", None, False):
         raise ValueError(
             f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it first."
         )
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    arch, d_in, d_sae = _check_cfg(cfg, cfg_file)
+    _check_shapes(export.weights, d_in, d_sae, export.file)
     act = _build_activation(arch, cfg, d_sae)
     dtype = str(cfg.get("dtype", "float32")).replace("torch.", "")
-    sae = SAE(d_in, d_sae, act, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), dtype=dtype)
-    sae.load_weights(path)  # multiplies a folded input scale back in
+    try:
+        sae = SAE(
+            d_in, d_sae, act, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), dtype=dtype
+        )
+    except ValueError as e:  # e.g. an unknown dtype: the message names the field
+        raise _bad(cfg_file, str(e).rstrip(".")) from e
+    sae.set_weights(export.weights, export.file)
     # a plain attribute, not state: `save_sae` folds it out again when this SAE is exported anew
     # (setattr because nn.Module's __setattr__ is typed for tensors and modules only)
-    setattr(sae, "act_scale", folded_scale(cfg_file))  # noqa: B010
+    setattr(sae, "act_scale", scale_of(cfg.get("metadata") or {}, cfg_file))  # noqa: B010
     return sae.train(trainable).requires_grad_(trainable)

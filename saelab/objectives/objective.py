@@ -30,8 +30,8 @@ class Objective:
             value = term(out, sae, state)
             if not torch.isfinite(value):
                 raise NonFiniteLossError(
-                    f"loss/{name} is {value.item()} at step {state.step}: lower optim.lr, check the input "
-                    "scale (data normalisation), or lower this term's coeff."
+                    f"loss/{name} is {value.item()} at step {state.step}: lower optim.optimizer.lr, check "
+                    f"the input scale (data normalisation), or lower objective.terms.{name}.coeff."
                 )
             logs[f"loss/{name}"] = value.detach()
             total = total + term.weight(state) * value

@@ -8,13 +8,15 @@ directions), so exports need no transposes.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from saelab.files import CorruptFile, load_safetensors, read_json
 from saelab.sae.kernels import SparseLayout, sparse_decode, sparse_encode
 from saelab.types import SAEOutput, SparseCodes
 
@@ -172,21 +174,19 @@ class SAE(nn.Module):
 
         An export whose `cfg.json` records a folded input scale s (`FOLDED_SCALE_KEY`; saelab writes one for
         SAEs trained on s·h) holds weights that read h; they are loaded back in the units of training, s·h.
+        A recorded sha256 of the weights (`WEIGHTS_SHA256_KEY`) is checked first (see `read_export`).
         """
-        from safetensors.torch import load_file
+        export = read_export(path)
+        self.set_weights(export.weights, export.file)
 
-        p = Path(path)
-        f = p / "sae_weights.safetensors" if p.is_dir() else p
-        if not f.exists():
-            raise FileNotFoundError(f"No SAE weights at {f}; point sae.init_from at an export directory.")
-        sd = load_file(str(f))
-        if "log_threshold" in sd and "threshold" not in sd:  # SAELens before 6.0 stored log θ
-            sd["threshold"] = sd.pop("log_threshold").exp()
-        sd = rescale_inputs(sd, folded_scale(f.parent / "cfg.json"))
+    @torch.no_grad()
+    def set_weights(self, sd: dict[str, Tensor], source: Path) -> None:
+        """Copy a state dict in SAELens orientation (and a `threshold`) into this SAE; `source` names the file
+        in the error when a shape differs."""
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             if sd[name].shape != getattr(self, name).shape:
                 raise ValueError(
-                    f"{f}: {name} has shape {tuple(sd[name].shape)}, this SAE has {tuple(getattr(self, name).shape)}; "
+                    f"{source}: {name} has shape {tuple(sd[name].shape)}, this SAE has {tuple(getattr(self, name).shape)}; "
                     "match sae.d_sae and data.d_in to the checkpoint."
                 )
             getattr(self, name).data.copy_(sd[name])
@@ -202,6 +202,9 @@ class SAE(nn.Module):
 
 # `cfg.json` metadata key of the input scale s folded into an export's weights (see `rescale_inputs`)
 FOLDED_SCALE_KEY = "saelab_folded_scale"
+# `cfg.json` metadata key of the sha256 of the export's weights file, checked on every load
+WEIGHTS_SHA256_KEY = "saelab_weights_sha256"
+WEIGHTS_FILE = "sae_weights.safetensors"  # the SAELens weights file beside cfg.json
 
 
 def rescale_inputs(sd: dict[str, Tensor], c: float) -> dict[str, Tensor]:
@@ -219,12 +222,70 @@ def rescale_inputs(sd: dict[str, Tensor], c: float) -> dict[str, Tensor]:
     return {k: v * c if k in ("b_enc", "b_dec", "threshold") else v for k, v in sd.items()}
 
 
-def folded_scale(cfg_file: Path) -> float:
-    """The input scale folded into an export's weights (metadata `FOLDED_SCALE_KEY`), 1.0 when none is recorded."""
-    if not cfg_file.exists():
+def fix_export(folder: Path) -> str:
+    """What to do about a damaged or inconsistent export in `folder`."""
+    return f"Re-export the SAE, or delete {folder} and point the config at another export."
+
+
+def read_cfg(cfg_file: Path) -> dict[str, Any]:
+    """An export's `cfg.json` as a dict (its `metadata` a dict too); damaged JSON raises `CorruptFile`."""
+    cfg = read_json(cfg_file, fix_export(cfg_file.parent))
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("metadata") or {}, dict):
+        raise CorruptFile(
+            f"{cfg_file}: expected a JSON object with a `metadata` object. {fix_export(cfg_file.parent)}"
+        )
+    return cfg
+
+
+def scale_of(fields: dict[str, Any], cfg_file: Path) -> float:
+    """The folded input scale recorded in `fields` (`FOLDED_SCALE_KEY`), 1.0 when none; a value that is not
+    a positive number raises `CorruptFile` naming the file and the field."""
+    value = fields.get(FOLDED_SCALE_KEY)
+    if value is None:
         return 1.0
-    meta = json.loads(cfg_file.read_text()).get("metadata") or {}
-    return float(meta.get(FOLDED_SCALE_KEY) or 1.0)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise CorruptFile(
+            f"{cfg_file}: {FOLDED_SCALE_KEY}={value!r} is not a positive number. {fix_export(cfg_file.parent)}"
+        )
+    return float(value)
+
+
+class Export(NamedTuple):
+    """An export read back: its `cfg.json` ({} when there is none), its weights in the units of training
+    (a folded input scale multiplied back in) and the weights file."""
+
+    cfg: dict[str, Any]
+    weights: dict[str, Tensor]
+    file: Path
+
+
+def read_export(path: str | Path) -> Export:
+    """Read an export directory (`cfg.json` + `sae_weights.safetensors`) or a bare safetensors file.
+
+    Damaged JSON or safetensors, and weights whose sha256 differs from the one `cfg.json` records
+    (`WEIGHTS_SHA256_KEY`; exports written by SAELens or an older saelab have none and load unchecked),
+    raise `CorruptFile` with the path and what to do. SAELens before 6.0 stored log θ; it becomes θ.
+    """
+    p = Path(path)
+    f = p / WEIGHTS_FILE if p.is_dir() else p
+    if not f.exists():
+        raise FileNotFoundError(f"No SAE weights at {f}; point sae.init_from at an export directory.")
+    cfg_file = f.parent / "cfg.json"
+    cfg = read_cfg(cfg_file) if cfg_file.exists() else {}
+    meta = cfg.get("metadata") or {}
+    sha = meta.get(WEIGHTS_SHA256_KEY) if f.name == WEIGHTS_FILE else None  # it is the digest of that file
+    sd = load_safetensors(f, fix_export(f.parent), sha256=sha)
+    if "log_threshold" in sd and "threshold" not in sd:
+        sd["threshold"] = sd.pop("log_threshold").exp()
+    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in sd]
+    if missing:
+        raise CorruptFile(f"{f} lacks {', '.join(missing)}. {fix_export(f.parent)}")
+    return Export(cfg, rescale_inputs(sd, scale_of(meta, cfg_file)), f)
 
 
 @torch.no_grad()

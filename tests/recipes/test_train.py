@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import ENV, ROOT, run_cli
+from support import ENV, ROOT, run_cli, synthetic_small
 
 from saelab.io import load_sae
 
 pytestmark = pytest.mark.slow  # every test here runs `python -m saelab` in a subprocess
 
-SMALL = [
-    "data.d_in=32",
-    "data.n_features=128",
-    "data.batch_size=256",
-    "sae.d_sae=128",
-    "sae.activation.k=4",
-    "data.mean_active=4",
-]
+SMALL = synthetic_small(batch_size=256, d_sae=128)
 
 
 def test_topk_on_synthetic_recovers_features_and_exports(tmp_path):
@@ -96,9 +89,9 @@ def test_nan_loss_stops_with_one_message_and_writes_nothing(tmp_path):
     )
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
-    assert any("NonFiniteLossError: loss/mse is nan" in line and "lower optim.lr" in line for line in err), (
-        p.stderr
-    )
+    assert any(
+        "NonFiniteLossError: loss/mse is nan" in line and "lower optim.optimizer.lr" in line for line in err
+    ), p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "sae").exists() and not list(tmp_path.glob("checkpoints/**/*.ckpt"))
 
