@@ -1,8 +1,9 @@
-"""One latent edit for every host: zero, clamp, set or scale chosen SAE latents at the hook.
+"""One latent edit for every host: add, zero, clamp, set or scale chosen SAE latents at the hook.
 
 For hook activations h (any leading shape, last axis d_in), an SAE trained on s·h (s: the source's
 `act_scale`), chosen latents S with codes f = encode(s·h):
 
+    add:    f'_S = f_S + α            (h' = h + Σ_S α_j W_dec[j] / s, no encode: activation steering)
     zero:   f'_S = 0
     clamp:  f'_S = max(f_S, v)        (at least v: steering, RecSAE's "boost")
     set:    f'_S = v
@@ -11,14 +12,18 @@ For hook activations h (any leading shape, last axis d_in), an SAE trained on s�
 
 The SAE's error stays in place (h' − decode(f')/s = h − decode(f)/s, the decoder being linear), so the
 only change is the edited latents' share of the reconstruction; an edit that changes nothing (no latents,
-clamp at 0 on non-negative codes, scale 1) returns h exactly. `LatentEdit` is the function a host's
+add 0, clamp at 0 on non-negative codes, scale 1) returns h exactly. "add" is the steering of Templeton et
+al. (2024, "Scaling Monosemanticity") and Turner et al. (arXiv:2308.10248) with an SAE decoder row as the
+vector: α is in SAE units (α·W_dec[j] is what a code of α on latent j decodes to), and the change does
+not depend on h, so it is added as is, never through `encode`. `LatentEdit` is the function a host's
 `spliced(fn)` takes (text, protein and recommender hosts alike); `delta_from_codes` gives the same change
 from codes already computed, which for the linear modes (zero, scale) commutes with mean pooling:
 SHIFT's pooled ablation is the pooled splice, exactly.
 
 Users: SHIFT, SCR and TPP (`saelab.analysis.shift`, `saelab.eval.scr`: zero), protein steering
 (`saelab.analysis.protein_steering`: clamp or set, Villegas Garcia & Ansuini, arXiv:2502.09135) and RecSAE
-latent ablation (`saelab.analysis.ablation`: zero or clamp, arXiv:2411.06112).
+latent ablation (`saelab.analysis.ablation`: zero or clamp, arXiv:2411.06112); text steering and
+generation (`saelab.analysis.lens.steer`, `CausalLMHost.generate`: add).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-MODES = ("zero", "clamp", "set", "scale")
+MODES = ("zero", "clamp", "set", "scale", "add")
 
 
 class LatentEdit:
@@ -38,8 +43,10 @@ class LatentEdit:
     Args:
         sae: the SAE (anything with `encode` and `W_dec`), trained on activations scaled by `scale`.
         latents: the latents S to edit (an empty list: the identity).
-        mode: "zero", "clamp" (f_S ← max(f_S, v)), "set" (f_S ← v) or "scale" (f_S ← c·f_S).
-        value: v (SAE units) for clamp/set, c for scale; one per latent or one for all; unused by zero.
+        mode: "add" (h ← h + α·W_dec[S]/s), "zero", "clamp" (f_S ← max(f_S, v)), "set" (f_S ← v) or
+            "scale" (f_S ← c·f_S).
+        value: α (SAE units) for add, v (SAE units) for clamp/set, c for scale; one per latent or one for
+            all; unused by zero.
         scale: the activation scale s the SAE was trained with.
 
     `positions` ([..., seq] bool, same leading shape as h without d_in) limits the edit to those positions;
@@ -58,7 +65,8 @@ class LatentEdit:
             raise ValueError(f"latent edit mode must be one of {', '.join(MODES)}; got {mode!r}.")
         if mode != "zero" and value is None:
             raise ValueError(
-                f"a {mode!r} edit needs a value (clamp/set: the target activation; scale: the factor)."
+                f"a {mode!r} edit needs a value (add: the amount α; clamp/set: the target activation; "
+                "scale: the factor)."
             )
         self.sae, self.mode, self.scale = sae, mode, float(scale)
         self.latents = torch.as_tensor(list(latents), dtype=torch.long)
@@ -75,6 +83,8 @@ class LatentEdit:
     def edited(self, f: Float[Tensor, "n s"]) -> Float[Tensor, "n s"]:
         """f'_S from f_S (the chosen latents' codes, in the order of `latents`)."""
         v = self.values.to(f)
+        if self.mode == "add":
+            return f + v
         if self.mode == "zero":
             return torch.zeros_like(f)
         if self.mode == "clamp":
@@ -90,9 +100,17 @@ class LatentEdit:
         W = self.sae.W_dec.detach()
         if not len(idx):
             return codes.new_zeros(*codes.shape[:-1], W.shape[1])
+        if self.mode == "add":  # the same vector everywhere, whatever the codes
+            return self._added().to(codes.device).expand(*codes.shape[:-1], -1)
         f = codes[..., idx].to(W.dtype)
         out = (self.edited(f) - f) @ W[idx.to(W.device)].to(f.device)
         return out / self.scale
+
+    @torch.no_grad()
+    def _added(self) -> Float[Tensor, " d_in"]:
+        """Σ_S α_j W_dec[j] / s: the add mode's change, the same at every position."""
+        W = self.sae.W_dec.detach()
+        return self.values.to(W) @ W[self.latents.to(W.device)] / self.scale
 
     @torch.no_grad()
     def delta(self, h: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
@@ -100,8 +118,11 @@ class LatentEdit:
         if not len(self.latents):
             return torch.zeros_like(h)
         W = self.sae.W_dec
-        x = h.reshape(-1, h.shape[-1]).to(W.device, W.dtype) * self.scale
-        d = self.delta_from_codes(self.sae.encode(x))
+        x = h.reshape(-1, h.shape[-1]).to(W.device, W.dtype)
+        if self.mode == "add":
+            d = self._added().expand_as(x)
+        else:
+            d = self.delta_from_codes(self.sae.encode(x * self.scale))
         if self.positions is not None:
             d = d * self.positions.reshape(-1, 1).to(d)
         return d.reshape(h.shape).to(h.device, h.dtype)

@@ -13,7 +13,9 @@ Surface (shared with the other hosts, see `saelab.hosts.base`):
   * `activations(input_ids, attention_mask) -> [batch, seq, d_in]`: the hook block's output, with the
     forward stopped right after that block;
   * `spliced(fn)`: under it the full forward replaces the hook output h by fn(h);
-  * `logits(...)`, `token_losses(...)`: full forward, next-token cross-entropy per position.
+  * `logits(...)`, `token_losses(...)`: full forward, next-token cross-entropy per position;
+  * `generate(prompt, max_new_tokens, edit=...)`: text continuations, with `edit` (e.g. a
+    `saelab.edit.LatentEdit`) spliced into every forward of the decoding loop.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +313,103 @@ class CausalLMHost:
         """Next-token CE per position: loss[b, t] = −log p(x_{t+1} | x_≤t); 0 where the target is padding."""
         logits = self.logits(input_ids, attention_mask)
         return next_token_losses(logits, input_ids.to(logits.device), attention_mask)
+
+    # ------------------------------------------------------------------ generation
+    def prompt_ids(self, prompts: Sequence[str]) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+        """(input_ids, attention_mask) of prompts, each after the BOS token as in the activation data
+        (`saelab.data.text.pack`), left-padded with `pad_id` so that every row continues from its last column."""
+        tok = self.tokenizer
+        bos = [] if self.bos_id is None else [int(self.bos_id)]
+        rows = [bos + list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        if any(not r for r in rows):
+            raise ValueError(
+                f"{self.model_id} has no BOS token, so an empty prompt gives nothing to continue."
+            )
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            att[i, width - len(r) :] = 1
+        return ids, att
+
+    # a str is also a Sequence[str]; the first overload wins for it, which is the intent
+    @overload
+    def generate(  # type: ignore[overload-overlap]
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        edit: Callable[[Tensor], Tensor] | None = None,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: Sequence[str],
+        max_new_tokens: int = 32,
+        edit: Callable[[Tensor], Tensor] | None = None,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]: ...
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 32,
+        edit: Callable[[Tensor], Tensor] | None = None,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> str | list[str]:
+        """The continuation of `prompt` (one string, or one per prompt of a list), without the prompt.
+
+        HF `generate` on `prompt_ids(prompt)` with the KV cache, stopping at EOS or after `max_new_tokens`:
+        greedy, or sampled from softmax(logits / temperature) over the whole vocabulary (no top-k/top-p)
+        with the torch RNG seeded by `seed` (and restored afterwards). With `edit`, every forward runs under
+        `spliced(edit)`: the prompt's forward edits every prompt position, and each later step, which
+        computes only the new position (the earlier ones come from the cache, already edited), edits
+        that position; so an edit that acts on each position alone (any `LatentEdit` without
+        `positions`) gives the tokens a full recompute under the edit would give.
+        """
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if getattr(edit, "positions", None) is not None:
+            raise ValueError(
+                "generate edits every position (the cache hands the hook one new position per step); "
+                "set the edit's positions to None."
+            )
+        if not greedy and not temperature > 0:
+            raise ValueError(f"sampling needs temperature > 0, got {temperature}; use greedy=True instead.")
+        ids, att = self.prompt_ids(texts)
+        n_pos = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if n_pos is not None and ids.shape[1] + max_new_tokens > n_pos:
+            raise ValueError(
+                f"a {ids.shape[1]}-token prompt plus max_new_tokens={max_new_tokens} exceeds "
+                f"{self.model_id}'s {n_pos} positions."
+            )
+        dev = next(self.model.parameters()).device
+        sampling: dict[str, Any] = (
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        )
+        splice = self.spliced(edit) if edit is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), splice:
+            torch.manual_seed(seed)
+            lm: Any = self.model  # nn.Module's __getattr__ hides PreTrainedModel.generate from mypy
+            out = lm.generate(
+                input_ids=ids.to(dev),
+                attention_mask=att.to(dev),
+                max_new_tokens=int(max_new_tokens),
+                pad_token_id=self.pad_id,
+                **sampling,
+            )
+        new = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return new[0] if isinstance(prompt, str) else new
 
 
 def next_token_losses(
