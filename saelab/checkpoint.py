@@ -73,13 +73,15 @@ STEP_CHECKPOINT = re.compile(r"epoch=\d+-step=\d+\.ckpt")
 TEMPORARY = re.compile(r"\..+\.tmp-[a-z0-9_]{8}")
 
 # What may differ between a run and the run it resumes. How long it trains: the step budget (a schedule
-# that reads it, `total_steps: ${trainer.max_steps}`, stretches with it). And what records or reports a run
+# that reads it, `total_steps: ${trainer.max_steps}`, stretches with it, as does the dead-latent window,
+# a tenth of the run by default). And what records or reports a run
 # without changing what it computes: where it is written and logged, how often it logs and checkpoints,
 # what a degenerate run does (warn or stop), and presets (`debug`) whose effect is in the keys they set.
 RESUMABLE = (
     "trainer.max_steps",
     "trainer.max_epochs",
     "trainer.max_time",
+    "lit.dead_window_tokens",
     "resume",
     "run_dir",
     "name",

@@ -94,16 +94,17 @@ def sparsity_problem(activation: Any, objective: Objective) -> str | None:
 
 
 # ---------------------------------------------------------------------- during and after the fit
-def divergence(explained_variance: float, dead_frac: float) -> str | None:
-    """What is wrong with a model of this held-out EV and dead fraction, or None when nothing is."""
+def divergence(explained_variance: float, silent_frac: float) -> str | None:
+    """What is wrong with a model of this held-out EV and share of latents that fired on none of the
+    held-out tokens (`silent_frac`; 1 means no latent fires at all), or None when nothing is."""
     ev = float(explained_variance)
     if not math.isfinite(ev):
         return f"explained variance is {ev}"
     faults = []
     if ev < EV_FLOOR:
         faults.append(f"explained variance {ev:.3g} (worse than predicting the mean)")
-    if float(dead_frac) >= 1.0:
-        faults.append("every latent dead")
+    if float(silent_frac) >= 1.0:
+        faults.append("no latent fires (every latent dead)")
     return ", ".join(faults) or None
 
 
@@ -115,9 +116,9 @@ def before_fit(lit: Any) -> None:
         lit.health_warnings.append(flag(problem, lit.on_degenerate))
 
 
-def check_divergence(lit: Any, explained_variance: float, dead_frac: float, where: str) -> None:
+def check_divergence(lit: Any, explained_variance: float, silent_frac: float, where: str) -> None:
     """Flag a `LitSAE` whose model measures as diverged; once per fit (the first sighting says when)."""
-    fault = divergence(explained_variance, dead_frac)
+    fault = divergence(explained_variance, silent_frac)
     if fault is None or any(w.startswith(_DIVERGED) for w in lit.health_warnings):
         return
     lr = getattr(lit.optimizer_fn, "keywords", {}).get("lr")
@@ -139,19 +140,19 @@ def after_fit(lit: Any, datamodule: Any, trainer: Any, n_batches: int = 2) -> No
     # rank 0's measurement decides, so that under DDP every rank stops or none does
     measured = trainer.strategy.broadcast(measured, src=0)
     where = f"after the fit (step {trainer.global_step}, {n_batches} held-out batches)"
-    check_divergence(lit, measured["explained_variance"], measured["dead_frac"], where)
+    check_divergence(lit, measured["explained_variance"], measured["silent_frac"], where)
 
 
 @torch.no_grad()
 def held_out_health(sae: Any, datamodule: Any, n_batches: int = 2) -> dict[str, float]:
-    """Explained variance and dead fraction of `sae` (in eval mode) on the first `n_batches` held-out
-    batches of `datamodule`; {} when it has no validation split."""
+    """Explained variance of `sae` (in eval mode) on the first `n_batches` held-out batches of `datamodule`
+    and the share of latents silent on all of them (`silent_frac`); {} when it has no validation split."""
     loader = getattr(datamodule, "val_dataloader", None)
     if loader is None:
         return {}
     dev = sae.W_dec.device
     ev = ExplainedVariance(sae.d_in, sync_on_compute=False).to(dev)
-    dead = DeadFraction(sae.d_sae, sync_on_compute=False).to(dev)
+    silent = DeadFraction(sae.d_sae, sync_on_compute=False).to(dev)
     was_training = sae.training
     sae.eval()
     try:
@@ -159,12 +160,12 @@ def held_out_health(sae: Any, datamodule: Any, n_batches: int = 2) -> dict[str, 
             x = batch_acts(batch).to(dev)
             out = sae(x)
             ev.update(out.x, out.x_hat)
-            dead.update(fired_counts(out, sae.d_sae), x.shape[0])
+            silent.update(fired_counts(out, sae.d_sae), x.shape[0])
     finally:
         sae.train(was_training)
-    if int(dead.n) == 0:
+    if int(silent.n) == 0:
         return {}
-    return {"explained_variance": float(ev.compute()), "dead_frac": float(dead.compute())}
+    return {"explained_variance": float(ev.compute()), "silent_frac": float(silent.compute())}
 
 
 @rank_zero_only

@@ -3,7 +3,13 @@
 One training step reads top to bottom: x → sae(x) → objective(out, sae, state) → backward; around it
 the module owns what belongs to training, not to the model: the dead-latent token counter, the
 unit-norm decoder constraint (with the parallel gradient removed), b_dec's data-dependent init and
-metric logging. Validation streams L0 / explained variance / dead fraction over the val set.
+metric logging. Validation streams L0 / explained variance over the val set.
+
+Dead latents have one definition (`saelab.resolvers`): silent on the last `dead_window_tokens` tokens. The
+training counter applies it to the training stream (`sparsity/dead_frac`, and the set AuxK sees); the
+`core` evaluator applies it to the trained SAE over the same number of tokens. The few validation batches
+between steps are far fewer tokens than the window, so they report no dead fraction (a latent silent on
+4k tokens is not dead); they only tell the divergence check whether any latent still fires.
 
 Under DDP every rank must hold one model. DDP broadcasts parameters and buffers from rank 0 when it
 wraps the module and averages gradients, so whatever the module changes outside the gradient must agree
@@ -65,7 +71,8 @@ class LitSAE(pl.LightningModule):
         objective: the `Objective` (named loss terms).
         optimizer: a partial optimiser constructor, called with the trainable parameters.
         scheduler: optional partial LR scheduler constructor, called with the optimiser (stepped per step).
-        dead_window_tokens: a latent is dead once it has not fired for this many training tokens (Gao et al.).
+        dead_window_tokens: a latent is dead once it has not fired for this many training tokens (Gao et al.);
+            the config's default is a tenth of the run (`saelab.resolvers.dead_window`).
         seed: seeds the per-step randomness of loss terms (random chunks, prefixes).
         log_every: log training scalars every n steps.
         on_degenerate: "warn" or "stop" when the run diverges or cannot become sparse (`saelab.health`).
@@ -96,7 +103,7 @@ class LitSAE(pl.LightningModule):
         # tokens since each latent last fired; part of the state dict, so resume keeps it
         self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
         self.val_l0, self.val_ev = L0(), ExplainedVariance(sae.d_in)
-        self.val_dead = DeadFraction(sae.d_sae)
+        self.val_silent = DeadFraction(sae.d_sae)  # latents that fire on no validation token
         self.on_degenerate = health.check_mode(on_degenerate)
         self.health_warnings: list[str] = []  # what `saelab.health` flagged in this fit, for the report
 
@@ -193,20 +200,20 @@ class LitSAE(pl.LightningModule):
         out: SAEOutput = self.sae(x)
         self.val_l0.update(out.l0)
         self.val_ev.update(out.x, out.x_hat)
-        self.val_dead.update(self._fired_counts(out), x.shape[0])
+        self.val_silent.update(self._fired_counts(out), x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        ev, dead = self.val_ev.compute(), self.val_dead.compute()
+        ev, silent = self.val_ev.compute(), self.val_silent.compute()
         self.log_dict(
-            {"val/l0": self.val_l0.compute(), "val/explained_variance": ev, "val/dead_frac": dead},
+            {"val/l0": self.val_l0.compute(), "val/explained_variance": ev},
             # compute() has already reduced over ranks; sync_dist says so to Lightning, which warns otherwise
             sync_dist=True,
         )
-        for m in (self.val_l0, self.val_ev, self.val_dead):
+        for m in (self.val_l0, self.val_ev, self.val_silent):
             m.reset()
         if not self.trainer.sanity_checking:  # the untrained model is no sign of divergence
             where = f"at the validation of step {self.global_step}"
-            health.check_divergence(self, float(ev), float(dead), where)
+            health.check_divergence(self, float(ev), float(silent), where)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):

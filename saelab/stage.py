@@ -26,7 +26,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, open_dict
 
 from saelab import health
-from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint
+from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint, newest_checkpoint
 from saelab.checks import ConfigError, check_config
 from saelab.eval.base import EvalResult, Evaluator, evaluate
 from saelab.files import atomic_write_bytes, load_torch
@@ -34,7 +34,15 @@ from saelab.io import save_sae, source_metadata
 from saelab.io.saelens import check_exportable
 from saelab.report import Report
 from saelab.sae import ResidualSAE
-from saelab.train import fit, log_summary, make_logger, plain, progress_bar, wandb_scope
+from saelab.train import (
+    _refuse_to_overwrite,
+    fit,
+    log_summary,
+    make_logger,
+    plain,
+    progress_bar,
+    wandb_scope,
+)
 
 HostModule = TypeVar("HostModule", bound=pl.LightningModule)  # host_stage returns the type it is given
 
@@ -221,6 +229,7 @@ def host_stage(
     best = pl.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1 if monitor else 0, save_last=True
     )
+    resume_from = _host_resume(cfg, ckpt_dir, key, name, finished=cache.exists())
     logger = make_logger(cfg, run_dir, name)
     bar = trainer_kwargs.get("enable_progress_bar", True)
     with wandb_scope(logger):
@@ -229,19 +238,14 @@ def host_stage(
             devices=1,
             default_root_dir=str(run_dir),
             logger=logger if logger is not None else False,
-            callbacks=[best, ConfigInCheckpoint(plain(cfg)), *progress_bar(name, bar)],
+            callbacks=[best, ConfigInCheckpoint(plain(cfg)), _KeyInCheckpoint(key), *progress_bar(name, bar)],
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False,
             num_sanity_val_steps=0,
             **trainer_kwargs,
         )
-        last = ckpt_dir / "last.ckpt"
         t0 = time.perf_counter()
-        trainer.fit(
-            module,
-            datamodule=datamodule,
-            ckpt_path=str(last) if cfg.get("resume") == "auto" and last.exists() else None,
-        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         seconds = time.perf_counter() - t0
     if monitor and best.best_model_path:
         sd = load_torch(best.best_model_path, f"Delete {ckpt_dir} and run again.")["state_dict"]
@@ -250,6 +254,45 @@ def host_stage(
     torch.save({"key": key, "state_dict": module.state_dict()}, buf)
     atomic_write_bytes(cache, buf.getvalue())
     return module.eval().requires_grad_(False), {f"{name}/seconds": seconds, f"{name}/cached": False}
+
+
+class _KeyInCheckpoint(pl.Callback):
+    """Stores a host stage's `key` (what determines the model) in each of its checkpoints."""
+
+    def __init__(self, key: dict) -> None:
+        self.key = key
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["saelab_host_key"] = self.key
+
+
+def _host_resume(cfg: DictConfig, ckpt_dir: Path, key: dict, name: str, finished: bool) -> str | None:
+    """The checkpoint a host stage continues from (resume=auto: the newest complete one, refused when it
+    was written for another `key`), or None. Without resume=auto, the checkpoints of a fit that finished
+    (`finished`: its cached weights exist, for other settings) are superseded and removed; those of a fit
+    that did not finish are not overwritten."""
+    if cfg.get("resume") != "auto" or finished:
+        if finished and ckpt_dir.is_dir():
+            for old in ckpt_dir.glob("*.ckpt"):
+                old.unlink()
+        _refuse_to_overwrite(ckpt_dir)
+        return None
+    found = newest_checkpoint(ckpt_dir)
+    if found is None:
+        return None
+    path, ckpt = found
+    stored = ckpt.get("saelab_host_key")
+    if stored != key:
+        was: dict = stored if isinstance(stored, dict) else {}
+        differ = sorted(k for k in was.keys() | key.keys() if was.get(k) != key.get(k))
+        what = "; ".join(f"{k}: {was.get(k)!r} → {key.get(k)!r}" for k in differ) or "no key recorded"
+        raise ValueError(
+            f"resume=auto: {path} was written while training {name} with other settings ({what}): continue "
+            "it with that run's overrides, or start this run in a new run dir."
+        )
+    if path.name != "last.ckpt":
+        print(f"saelab: resume=auto: resuming {name} from {path.name}, the newest complete checkpoint.")
+    return str(path)
 
 
 def finish(cfg: DictConfig, report: Report, stage: str = "report") -> dict:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
-from saelab import health
+from saelab import health, resolvers
 from saelab.checkpoint import (
     LAST,
     AtomicCheckpointIO,
@@ -45,9 +45,12 @@ class _DropAdvertisement(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvertisement())
+resolvers.register()  # ${saelab.dead_window:...} in conf/config.yaml
 # Lightning's own pytree helper trips a torch deprecation on every fit; nothing a user can act on.
 # Set here, not in __main__, because joblib sweep workers and DDP processes import this module too.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# saelab decides what may be in a stage's checkpoint dir (resolve_resume refuses another run's checkpoints)
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class StepProgressBar(RichProgressBar):

@@ -59,9 +59,9 @@ def test_until_stopped_without_decay_trains_at_the_full_rate_after_warm_up(tmp_p
 def test_divergence_thresholds():
     assert "nan" in str(divergence(float("nan"), 0.0))
     assert divergence(-4.5e12, 1.0) == (
-        "explained variance -4.5e+12 (worse than predicting the mean), every latent dead"
+        "explained variance -4.5e+12 (worse than predicting the mean), no latent fires (every latent dead)"
     )
-    assert divergence(0.0, 1.0) == "every latent dead"
+    assert divergence(0.0, 1.0) == "no latent fires (every latent dead)"
     assert divergence(-0.5, 0.9) is None  # poor, not diverged
 
 

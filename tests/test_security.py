@@ -106,7 +106,7 @@ class TinyHost(pl.LightningModule):
             plant(Path(best), self.plant_best)
 
 
-def _host_stage(run_dir: Path, module: TinyHost, *overrides: str):
+def _host_stage(run_dir: Path, module: TinyHost, *overrides: str, key: dict | None = None, epochs: int = 1):
     data = TensorDataset(torch.randn(8, 2))
     dm = pl.LightningDataModule.from_datasets(train_dataset=data, val_dataset=data, batch_size=4)
     cfg = compose_cfg(["logger=none", *overrides])
@@ -116,9 +116,9 @@ def _host_stage(run_dir: Path, module: TinyHost, *overrides: str):
         "tiny",
         module,
         dm,
-        key={"v": 1},
+        key=key or {"v": 1},
         monitor="val/score",
-        max_epochs=1,
+        max_epochs=epochs,
         enable_progress_bar=False,
     )
 
@@ -145,6 +145,25 @@ def test_host_resume_checkpoint_payload_is_refused(tmp_path, marker):
         _host_stage(tmp_path, TinyHost(), "resume=auto")
     refused(err, last, "Delete it (resume=auto then starts afresh)")
     assert not marker.exists()
+
+
+def test_host_resume_refuses_a_checkpoint_of_other_settings_and_a_fresh_fit_keeps_unfinished_ones(tmp_path):
+    """A host fit killed mid-way leaves checkpoints but no cache: resume=auto continues them only under the
+    same key (naming what differs), and a rerun without resume=auto does not overwrite them."""
+    _host_stage(tmp_path, TinyHost(), key={"v": 1, "lr": 0.1})
+    (tmp_path / "host" / "tiny.pt").unlink()  # as if killed before the cache was written
+    ckpts = tmp_path / "checkpoints" / "tiny"
+    before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
+    with pytest.raises(ValueError, match=r"training tiny with other settings \(lr: 0.1 → 0.2\)"):
+        _host_stage(tmp_path, TinyHost(), "resume=auto", key={"v": 1, "lr": 0.2})
+    with pytest.raises(FileExistsError, match="add resume=auto"):
+        _host_stage(tmp_path, TinyHost(), key={"v": 1, "lr": 0.2})
+    assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before
+    # the same key continues (to a second epoch); a finished fit's checkpoints give way to a new key's fit
+    _host_stage(tmp_path, TinyHost(), "resume=auto", key={"v": 1, "lr": 0.1}, epochs=2)
+    assert (tmp_path / "host" / "tiny.pt").exists()
+    _, info = _host_stage(tmp_path, TinyHost(), key={"v": 1, "lr": 0.3})
+    assert info["tiny/cached"] is False
 
 
 # ------------------------------------------------------------------------------------- SAE training

@@ -14,10 +14,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from saelab.kernels import sparse_decode
 from saelab.types import SAELike, SAEOutput, TrainState
 
 
@@ -158,11 +158,12 @@ class AuxK(Term):
         e = (out.x - out.x_hat).detach().float()
         pre = sae.encode_pre(out.x, dead)  # (batch, n_dead), with gradient
         vals, idx = pre.topk(k, dim=-1, sorted=False)
+        idx, order = idx.sort(dim=-1)  # columns ascending within each row, as the CSR products expect
+        vals = vals.gather(-1, order)
         batch = pre.shape[0]
-        offsets = torch.arange(batch, device=pre.device) * k
-        e_hat = F.embedding_bag(
-            dead[idx].reshape(-1), sae.W_dec, offsets, mode="sum", per_sample_weights=vals.relu().reshape(-1)
-        ).float()
+        rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
+        # the sparse kernels' decode: its backward is CSR products (no dense [batch, n_dead] gradient)
+        e_hat = sparse_decode(rows, dead[idx].reshape(-1), vals.relu().reshape(-1), sae.W_dec, batch).float()
         loss = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -418,12 +419,7 @@ class Matryoshka(Term):
         keep = (block >= 1).nonzero(as_tuple=True)[0]
         order = keep[torch.sort(block[keep], stable=True).indices]  # block-major; rows stay sorted
         bag = (block[order] - 1) * batch + sp.rows[order]  # (nnz_kept,) non-decreasing
-        counts = torch.bincount(bag, minlength=n * batch)
-        decoded = F.embedding_bag(
-            sp.cols[order],
-            sae.W_dec,
-            counts.cumsum(0) - counts,
-            mode="sum",
-            per_sample_weights=sp.vals[order].to(sae.W_dec.dtype),
+        decoded = sparse_decode(
+            bag, sp.cols[order], sp.vals[order], sae.W_dec, n * batch
         )  # (n · batch, d_in)
         return decoded.view(n, batch, -1)

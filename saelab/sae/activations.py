@@ -2,7 +2,7 @@
 
 Dense activations (`ReLU`, `JumpReLU`) map pre-activations to codes. Sparse ones (`TopK`,
 `BatchTopK`) only *select* which (row, latent) entries survive; the SAE then evaluates and
-decodes those entries sparsely (see `saelab.sae.kernels`).
+decodes those entries sparsely (see `saelab.kernels`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from saelab.files import CorruptFile, load_safetensors, read_json
-from saelab.sae.kernels import SparseLayout, sparse_decode, sparse_encode
+from saelab.kernels import SparseLayout, sparse_decode, sparse_encode
 from saelab.types import SAEOutput, SparseCodes
 
 _DTYPES = {

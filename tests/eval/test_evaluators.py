@@ -128,3 +128,50 @@ def test_rescaled_presents_the_sae_in_host_units():
         assert torch.allclose(out.x_hat, sae(2.5 * x).x_hat / 2.5)
     assert in_host_units(sae, Source([], act_scale=1.0)) is sae
     assert isinstance(in_host_units(sae, Source([], act_scale=3.0)), Rescaled)
+
+
+class _TrainSource(Source):
+    """Validation batches plus an endless training stream (as the datamodules have)."""
+
+    def __init__(self, batches, train):
+        super().__init__(batches)
+        self.train = train
+
+    def train_dataloader(self):
+        yield from ({"acts": b} for b in self.train)
+
+
+def _rare_sae():
+    """d_in 2, d_sae 2: latent 0 fires on x₀ > 0, latent 1 only on x₁ > 0.5 (rare in the data below)."""
+    sae = SAE(2, 2, ReLU(), b_dec_init="zeros").eval()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.b_enc.copy_(torch.tensor([0.0, -0.5]))
+        sae.W_dec.copy_(torch.eye(2))
+    return sae
+
+
+def test_core_counts_dead_latents_over_the_window_reading_the_training_stream_after_the_val_split(tmp_path):
+    # latent 1 fires once every 100 rows; 64 held-out rows never see it
+    def rows(n, start):
+        x = torch.zeros(n, 2)
+        x[:, 0] = 1.0
+        x[[i for i in range(n) if (start + i) % 100 == 99], 1] = 1.0
+        return x
+
+    val = [rows(32, 0), rows(32, 32)]
+    train = [rows(50, 64 + 50 * i) for i in range(100)]
+    few = Core(plot=False)(_rare_sae(), _TrainSource(val, train), tmp_path)
+    assert few.metrics["dead_frac"] == 0.5 and few.metrics["dead_window_tokens"] == 64  # no window: val only
+    res = Core(plot=False, dead_window_tokens=300)(_rare_sae(), _TrainSource(val, train), tmp_path)
+    # 64 held-out rows, then training batches of 50 until ≥ 300 rows: 64 + 5·50 = 314, latent 1 fired 3 times
+    assert res.metrics["dead_window_tokens"] == 314 and res.metrics["dead_frac"] == 0.0
+    assert res.data["density"] == pytest.approx([1.0, 3 / 314])
+    assert res.metrics["n_tokens"] == 64  # L0 and FVU stay on the held-out rows
+
+
+def test_core_says_when_the_source_holds_fewer_tokens_than_the_window(tmp_path, capsys):
+    x = torch.ones(8, 2)
+    res = Core(plot=False, dead_window_tokens=1000)(_rare_sae(), Source([x, x]), tmp_path)
+    assert res.metrics["dead_window_tokens"] == 16 and res.metrics["dead_frac"] == 0.0
+    assert "counted over 16 tokens, fewer than the dead window (1,000)" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The sparse TopK/BatchTopK path (saelab.sae.kernels) against a dense reference and against sparsify.
+"""The sparse TopK/BatchTopK path (saelab.kernels) against a dense reference and against sparsify.
 
 The reference is written independently: dense π, a dense TopK/BatchTopK mask from torch.topk, dense
 codes, dense matmuls, and autograd through all of it.
@@ -12,9 +12,9 @@ import io
 import pytest
 import torch
 
+from saelab.kernels import SparseLayout, sparse_decode
 from saelab.sae import SAE
 from saelab.sae.activations import BatchTopK, TopK
-from saelab.sae.kernels import SparseLayout, sparse_decode
 
 D_IN, D_SAE, K, BATCH = 24, 96, 6, 20
 
