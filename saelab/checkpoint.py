@@ -76,7 +76,8 @@ TEMPORARY = re.compile(r"\..+\.tmp-[a-z0-9_]{8}")
 # that reads it, `total_steps: ${trainer.max_steps}`, stretches with it, as does the dead-latent window,
 # a tenth of the run by default). And what records or reports a run
 # without changing what it computes: where it is written and logged, how often it logs and checkpoints,
-# what a degenerate run does (warn or stop), and presets (`debug`) whose effect is in the keys they set.
+# what its dashboards show, what a degenerate run does (warn or stop), and presets (`debug`) whose effect
+# is in the keys they set.
 RESUMABLE = (
     "trainer.max_steps",
     "trainer.max_epochs",
@@ -89,6 +90,7 @@ RESUMABLE = (
     "hydra",
     "logger",
     "checkpoint",
+    "dashboards",
     "debug",
     "recipe.debug",
     "optimized_metric",

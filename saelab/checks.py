@@ -51,6 +51,8 @@ _AT_LEAST: dict[str, tuple[int, int | None]] = {
     "lit.log_every": (1, 10),
     "lit.dead_window_tokens": (1, 1000000),
     "checkpoint.every_n_steps": (1, 200),
+    "dashboards.density_every": (0, 200),  # 0: no density histograms
+    "dashboards.density_bins": (1, 50),
 }
 # whole numbers of any sign (their range is checked where they are used)
 _WHOLE: dict[str, int] = {"trainer.max_steps": 2000, "seed": 0}

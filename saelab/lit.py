@@ -80,6 +80,7 @@ class LitSAE(pl.LightningModule):
 
     sae: SAE | ResidualSAE
     tokens_since_fired: Tensor  # long buffer [d_sae]
+    fired_since_density: Tensor  # long buffer [d_sae], not checkpointed (saelab.dashboards)
 
     def __init__(
         self,
@@ -102,6 +103,11 @@ class LitSAE(pl.LightningModule):
         )
         # tokens since each latent last fired; part of the state dict, so resume keeps it
         self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
+        # this rank's firings and tokens since the last density histogram, which saelab.dashboards reads and
+        # resets; not in the state dict: a resumed fit starts a new window
+        density = torch.zeros(sae.d_sae, dtype=torch.long)
+        self.register_buffer("fired_since_density", density, persistent=False)
+        self.tokens_since_density = 0
         self.val_l0, self.val_ev = L0(), ExplainedVariance(sae.d_in)
         self.val_silent = DeadFraction(sae.d_sae)  # latents that fire on no validation token
         self.on_degenerate = health.check_mode(on_degenerate)
@@ -168,7 +174,10 @@ class LitSAE(pl.LightningModule):
     @torch.no_grad()
     def _count_firing(self, out: SAEOutput, n_tokens: int) -> None:
         """Tokens since each latent last fired, counted over the batches of all ranks."""
-        fired = self._fired_counts(out) > 0
+        counts = self._fired_counts(out)  # [d_sae] tokens of this batch each latent fired on
+        self.fired_since_density += counts
+        self.tokens_since_density += n_tokens
+        fired = counts > 0
         if _distributed():
             dist = torch.distributed
             f = fired.to(torch.int32)

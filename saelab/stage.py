@@ -25,7 +25,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, open_dict
 
-from saelab import health
+from saelab import dashboards, health
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint, newest_checkpoint
 from saelab.checks import ConfigError, check_config
 from saelab.eval.base import EvalResult, Evaluator, evaluate
@@ -135,6 +135,9 @@ def train_stage(
             meta = {"saelab_run": cfg.name, "stage": name, **source_metadata(dm), **(metadata or {})}
             scale = float(getattr(dm, "act_scale", 1.0) or 1.0)
             out.export = save_sae(res.sae, export_dir or run_dir / name / "sae", meta, act_scale=scale)
+            # W&B: the export as a model artifact of this stage's run
+            art = {"saelab_run": cfg.name, "stage": name, "steps": out.steps}
+            dashboards.log_export(res.logger, out.export, cfg.get("dashboards") or {}, art)
         # later stages may start from this export on every rank
         trainer.strategy.barrier("saelab-export")
         if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and reports

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
-from saelab import health, resolvers
+from saelab import dashboards, health, resolvers
 from saelab.checkpoint import (
     LAST,
     AtomicCheckpointIO,
@@ -341,6 +341,7 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
         *progress_bar(stage, cfg.trainer.get("enable_progress_bar", True)),
     ]
     logger = make_logger(cfg, run_dir, stage, start=False)
+    callbacks += dashboards.fit_callbacks(cfg.get("dashboards") or {}, logger, run_dir / stage)  # density, lr
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),

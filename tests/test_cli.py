@@ -96,6 +96,7 @@ def test_wheel_in_a_fresh_venv_runs_from_any_directory(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("saelab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"saelab/conf/config.yaml", "saelab/conf/sae/topk.yaml", "saelab/sweeps/topk_k.yaml"} <= names
+    assert "saelab/interp/prompts.yaml" in names  # package data read at run time
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)

@@ -10,7 +10,10 @@ prefix lengths redrawn each step from a truncated Pareto, against BatchTopK. Sta
      should reconstruct on their own, BatchTopK's arbitrary prefixes should not;
   3. the hierarchy (`saelab.analysis.hierarchy`): for a seeded sample of live latents of the first group,
      the later latents whose decoder rows are closest and that co-fire with them, shown with their
-     top-activating tokens (parent/child examples).
+     top-activating tokens (parent/child examples);
+  4. with `recipe.interpret` (experiment `matryoshka_autointerp`): auto-interpretation scores per group, a
+     steering sweep on the best-explained latents and a feature browser per variant
+     (`saelab.recipes.interpret`), as the radiology-LLM Matryoshka study reports them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from omegaconf import DictConfig
 from saelab.analysis import hierarchy, plots
 from saelab.eval.base import Table, evaluate, prefix
 from saelab.recipes.compare import train_variants
+from saelab.recipes.interpret import interpret_variant
 from saelab.report import Report, summary_table
 from saelab.stage import evaluators, finish
 from saelab.train import run_dir_of
@@ -84,6 +88,16 @@ def run(cfg: DictConfig) -> dict:
             continue
         examples[name] = _hierarchy(st, h, report, name)
     report.add_data("hierarchy", examples)
+
+    # 4. auto-interpretation per group, steering and the feature browser
+    ic = rc.get("interpret")
+    if ic:
+        found = {}
+        for name, (variant, _, st) in stages.items():
+            if variant in ic.variants:
+                bounds = prefix_sizes(st.sae.d_sae, rc.prefix_fractions)
+                found[name] = interpret_variant(st, name, bounds, ic, report, run_dir / name)
+        report.add_data("interpret", found)
     report.add_data("variants", rows)
     report.add_text("Definitions", (__doc__ or "") + "\n\n" + (hierarchy.__doc__ or ""))
     report.add_text("Artifacts", "\n".join(f"- `{n}`: `{st.export}`" for n, (_, _, st) in stages.items()))
