@@ -35,12 +35,12 @@ from saelab.io.saelens import check_exportable
 from saelab.report import Report
 from saelab.sae import ResidualSAE
 from saelab.train import (
-    _refuse_to_overwrite,
     fit,
     log_summary,
     make_logger,
     plain,
     progress_bar,
+    refuse_to_overwrite,
     wandb_scope,
 )
 
@@ -278,7 +278,7 @@ def _host_resume(cfg: DictConfig, ckpt_dir: Path, key: dict, name: str, finished
         if finished and ckpt_dir.is_dir():
             for old in ckpt_dir.glob("*.ckpt"):
                 old.unlink()
-        _refuse_to_overwrite(ckpt_dir)
+        refuse_to_overwrite(ckpt_dir)
         return None
     found = newest_checkpoint(ckpt_dir)
     if found is None:

@@ -248,7 +248,7 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if resume == "auto":
         found = newest_checkpoint(ckpt_dir)
         if found is None:
-            _refuse_to_overwrite(ckpt_dir, "move them away")  # e.g. last-v1.ckpt of older saelab versions
+            refuse_to_overwrite(ckpt_dir, "move them away")  # e.g. last-v1.ckpt of older saelab versions
             _say(f"resume=auto: no checkpoint in {ckpt_dir} yet; training from step 0.")
             return None
         path, ckpt = found
@@ -272,7 +272,7 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
             _say(f"removed step checkpoints a kill left behind: {', '.join(p.name for p in removed)}.")
         return str(path)
     if not resume:
-        _refuse_to_overwrite(ckpt_dir)
+        refuse_to_overwrite(ckpt_dir)
         return None
     path = Path(resume)
     if not path.exists():
@@ -281,11 +281,11 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if isinstance(stored, dict) and (differences := config_differences(stored, cfg)):
         _say(f"resume={path}: its run had other settings ({_listed(differences)}); continuing under these.")
     if path.resolve().parent != ckpt_dir.resolve():
-        _refuse_to_overwrite(ckpt_dir)
+        refuse_to_overwrite(ckpt_dir)
     return str(path)
 
 
-def _refuse_to_overwrite(
+def refuse_to_overwrite(
     ckpt_dir: Path, remedy: str = "add resume=auto to continue the run that wrote them"
 ) -> None:
     held = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []

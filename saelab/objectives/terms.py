@@ -162,7 +162,7 @@ class AuxK(Term):
         vals = vals.gather(-1, order)
         batch = pre.shape[0]
         rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
-        # the sparse kernels' decode: its backward is CSR products (no dense [batch, n_dead] gradient)
+        # the SAE's own sparse decode (SparseDecode: CSR products in the backward), shared with Matryoshka
         e_hat = sparse_decode(rows, dead[idx].reshape(-1), vals.relu().reshape(-1), sae.W_dec, batch).float()
         loss = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
