@@ -5,8 +5,9 @@ A recipe adds what it measured (`add_metrics`, `add_eval`, `add_table`, `add_fig
 
 - `results.json`: `{"name", "metrics": {flat namespaced scalars}, **data}` (every figure's numbers too),
 - `report.md`: the sections in order, tables as Markdown, figures as relative PNG links,
-- the W&B run's summary (scalars), `tables/<slug>` (wandb.Table) and `figures/<slug>` (wandb.Image),
-  or `log_metrics` for other Lightning loggers,
+- the W&B run's summary (scalars), `tables/<slug>` (wandb.Table; top-activating contexts with their
+  tokens shaded by activation, `saelab.dashboards.contexts_table`) and `figures/<slug>` (wandb.Image), or
+  `log_metrics` for other Lightning loggers,
 - the terminal: the report's title, the tables marked for it under their headings, then the run dir.
 
 All files are written atomically, so a killed run never leaves a half-written report.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def slug(text: str) -> str:
 @dataclass
 class _Section:
     heading: str
-    kind: str  # "table" | "figure" | "text"
+    kind: str  # "table" | "figure" | "text" | "contexts"
     payload: Any
     note: str = ""
     terminal: bool = False
@@ -109,6 +110,20 @@ class Report:
 
     def add_text(self, heading: str, text: str) -> Report:
         self.sections.append(_Section(heading, "text", text.strip()))
+        return self
+
+    def add_contexts(
+        self,
+        heading: str,
+        records: Any,
+        decode: Callable[[int], str],
+        latents: Sequence[int],
+        k: int = 5,
+    ) -> Report:
+        """The `k` top-activating contexts of `latents` from `records` (`FeatureRecords`): in report.md a
+        table with each context's firing tokens in <<marks>>; in W&B a table of HTML cells, tokens shaded
+        by activation (`saelab.dashboards.contexts_table`)."""
+        self.sections.append(_Section(heading, "contexts", (records, decode, [int(j) for j in latents], k)))
         return self
 
     def add_eval(
@@ -158,6 +173,8 @@ class Report:
             elif s.kind == "figure":
                 caption, path = s.payload
                 body += [f"![{caption}]({self._rel(path)})", ""]
+            elif s.kind == "contexts":
+                body += [markdown_table(*_contexts_rows(*s.payload)), ""]
             else:
                 body += [s.payload, ""]
         return "\n".join(body)
@@ -203,10 +220,31 @@ class Report:
             if s.kind == "table":
                 rows = _typed_columns(s.payload.rows, len(s.payload.headers))
                 media[f"tables/{slug(s.heading)}"] = wandb.Table(columns=list(s.payload.headers), data=rows)
+            elif s.kind == "contexts":
+                from saelab.dashboards import contexts_table
+
+                media[f"tables/{slug(s.heading)}"] = contexts_table(*s.payload)
             elif s.kind == "figure" and Path(s.payload[1]).exists():
                 media[f"figures/{slug(s.payload[0])}"] = wandb.Image(str(s.payload[1]), caption=s.payload[0])
         if media:
             run.log(media)
+
+
+def _contexts_rows(
+    records: Any, decode: Callable[[int], str], latents: Sequence[int], k: int
+) -> tuple[list[str], list[list]]:
+    """Headers and rows of the Markdown contexts table: latent, density, rank, activation, context (tokens
+    where the latent fires in <<marks>>, Markdown's `|` escaped)."""
+    rows = []
+    for j in latents:
+        r = records.latent(j)
+        for rank, c in enumerate(r.top[:k]):
+            text = "".join(
+                f"<<{decode(t)}>>" if a > 0 else decode(t) for t, a in zip(c.tokens, c.acts) if t >= 0
+            )
+            text = text.replace("|", "\\|").replace("\n", " ")
+            rows.append([r.latent, f"{r.density:.2e}", rank, c.act, text])
+    return ["latent", "density", "rank", "activation", "context"], rows
 
 
 def _typed_columns(rows: Sequence[Sequence], n_cols: int) -> list[list]:

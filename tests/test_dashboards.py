@@ -17,6 +17,7 @@ from support import synthetic_small
 from torch.utils.data import DataLoader
 
 from saelab.analysis import plots
+from saelab.analysis.features import FeatureRecords
 from saelab.dashboards import (
     DENSITY_KEY,
     artifact_name,
@@ -125,6 +126,7 @@ def test_an_offline_wandb_run_gets_density_lr_figures_tables_and_the_export(tmp_
 
     def report(stage: StageResult) -> Report:
         r = Report(run_dir, "t", "dash").add_metrics(stage.metrics)
+        r.add_contexts("Top contexts", _tiny_records(), lambda t: f" t{t}", [0, 1], k=5)
         return r.add_table("Per latent", Table(["latent", "act"], [[0, 1.5]])).add_figure("my fig", fig)
 
     cfg = compose_cfg([*FROZEN, "logger=wandb_offline", "name=dash"])
@@ -155,6 +157,17 @@ def test_an_offline_wandb_run_gets_density_lr_figures_tables_and_the_export(tmp_
     media = {k.split("/_type")[0]: v for r in rows for k, v in r.items() if k.endswith("/_type")}
     assert media["figures/density_over_training"] == "image-file"
     assert media["figures/my_fig"] == "image-file" and media["tables/per_latent"] == "table-file"
+    assert media["tables/top_contexts"] == "table-file"
+    (table_file,) = run_dir.glob("wandb/offline-run-*/files/media/table/tables/top_contexts_*.table.json")
+    logged = json.loads(table_file.read_text())
+    assert logged["columns"] == ["latent", "density", "rank", "activation", "context"]
+    assert [row[:4] for row in logged["data"]] == [[0, 0.05, 0, 3.0], [0, 0.05, 1, 1.0], [1, 0.01, 0, 2.0]]
+    # report.md has the same contexts as text, firing tokens in <<marks>>
+    md = (run_dir / "report.md").read_text()
+    assert (
+        "| 0 | 5.00e-02 | 0 | 3 |  t1<< t2>><< t3>> |" in md
+        and "| 1 | 1.00e-02 | 0 | 2 |  t6<< t7>> t8 |" in md
+    )
     (run,) = run_dir.glob("wandb/offline-run-*")
     assert len(list(run.glob("files/media/images/figures/*.png"))) == 2
     # the export, as a model artifact named after the run, whose files are the export in the run dir
@@ -191,15 +204,12 @@ def test_context_html_shades_tokens_by_activation_and_escapes_them():
     assert 'rgba(255, 140, 0, 0.25)" title="1"> x</span>' in page
 
 
-def test_contexts_table_has_a_row_per_top_context_with_html_cells():
-    import wandb
-
-    from saelab.analysis.features import FeatureRecords
-
+def _tiny_records():
+    """Two latents, two top slots (latent 1's second empty), windows of 3 tokens."""
     d, k, w = 2, 2, 3  # latents, top contexts, window tokens (1 left, 1 right)
     ints = lambda *s: torch.zeros(*s, dtype=torch.long)  # noqa: E731
     top_act = torch.tensor([[3.0, 1.0], [2.0, 0.0]])
-    records = FeatureRecords(
+    return FeatureRecords(
         n_tokens=100, window=(1, 1), log10_range=(-6.0, 2.0), count=torch.tensor([5, 1]),
         act_sum=torch.tensor([6.0, 2.0]), hist=ints(d, 4), top_act=top_act,
         top_row=torch.tensor([[0, 1], [2, -1]]), top_doc=ints(d, k), top_pos=ints(d, k),
@@ -208,6 +218,12 @@ def test_contexts_table_has_a_row_per_top_context_with_html_cells():
         sample_act=torch.zeros(d, 0), sample_row=ints(d, 0), sample_doc=ints(d, 0), sample_pos=ints(d, 0),
         sample_quantile=ints(d, 0), sample_tokens=ints(d, 0, w), sample_window_acts=torch.zeros(d, 0, w),
     )  # fmt: skip
+
+
+def test_contexts_table_has_a_row_per_top_context_with_html_cells():
+    import wandb
+
+    records = _tiny_records()
     table = contexts_table(records, lambda t: f"t{t}", latents=[0, 1], k=5)
     assert isinstance(table, wandb.Table) and table.columns == [
         "latent",

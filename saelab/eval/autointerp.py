@@ -59,10 +59,11 @@ the SAE above). It took 27 min of wall time, because the test suite was running 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,7 +74,14 @@ from tqdm.auto import tqdm
 from saelab.analysis.features import FeatureRecords, _rows, collect_feature_records
 from saelab.eval.base import EvalResult, Table
 from saelab.files import atomic_write_text
-from saelab.interp.clients import CachedChatLM, ChatLM, HFChatLM, make_client, supports_logprob
+from saelab.interp.clients import (
+    CachedChatLM,
+    ChatLM,
+    ChatServerError,
+    HFChatLM,
+    make_client,
+    supports_logprob,
+)
 from saelab.interp.contexts import non_activating_contexts, to_example
 from saelab.interp.explain import explainer_prompt, parse_explanation
 from saelab.interp.prompts import Chat
@@ -348,9 +356,29 @@ class AutoInterp:
             client.device = getattr(host, "device", None) or "cpu"
         return CachedChatLM(client, path, chunk=self.batch_size) if self.cache else client
 
+    @contextlib.contextmanager
+    def _answers_kept(self, cache_path: Path, done: Callable[[], int], total: int) -> Iterator[None]:
+        """Re-raise a chat endpoint's failure saying how far the run got and what a rerun does."""
+        try:
+            yield
+        except ChatServerError as e:
+            kept = (
+                f"the answers received so far are kept in {cache_path}: rerun the same command to send "
+                "only the missing prompts"
+                if self.cache
+                else "nothing is kept (cache=false): set eval.metrics.autointerp.cache=true to resume"
+            )
+            raise ChatServerError(
+                f"autointerp stopped after {done()} of {total} prompts: {e}; {kept}."
+            ) from e
+
     def _complete(self, client: ChatLM, prompts: list[Chat], max_tokens: int, desc: str) -> list[str]:
         out: list[str] = []
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        path = getattr(client, "path", None) or Path("cache.jsonl")
+        with (
+            self._answers_kept(path, lambda: len(out), len(prompts)),
+            tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar,
+        ):
             for i in range(0, len(prompts), self.batch_size):
                 part = prompts[i : i + self.batch_size]
                 out += client.complete(part, max_tokens=max_tokens, temperature=self.temperature)
@@ -359,7 +387,11 @@ class AutoInterp:
 
     def _yes_probability(self, client: Any, prompts: list[Chat], desc: str) -> list[float]:
         out: list[float] = []
-        with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        path = getattr(client, "path", None) or Path("cache.jsonl")
+        with (
+            self._answers_kept(path, lambda: len(out), len(prompts)),
+            tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar,
+        ):
             for i in range(0, len(prompts), self.batch_size):
                 part = prompts[i : i + self.batch_size]
                 out += client.yes_probability(part)

@@ -56,6 +56,7 @@ def interpret_variant(
     (headers, trows), means = groups.scores_by_group(rows, bounds, scores)
     report.add_table(f"Auto-interpretation by group: {name}", Table(headers, trows), terminal=True)
     report.add_table(f"Explanations: {name}", res.tables["autointerp"])
+    report.add_contexts(f"Top contexts: {name}", rec, decode, ai.latents)
     report.add_metrics(
         {f"group{g + 1}/{k}": v for g, m in means.items() for k, v in m.items()}, prefix=f"{name}/autointerp/"
     )

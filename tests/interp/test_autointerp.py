@@ -89,10 +89,18 @@ def scripted_answer(chat: list[dict], invert: bool = False) -> str:
 class _Server:
     """OpenAI-compatible /v1/chat/completions on 127.0.0.1 (random port), answering `scripted_answer`."""
 
-    def __init__(self, invert: bool = False, fail_first: int = 0, status: int = 503) -> None:
+    def __init__(
+        self,
+        invert: bool = False,
+        fail_first: int = 0,
+        status: int = 503,
+        down_after: int | None = None,
+        garbage: bool = False,
+    ) -> None:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.invert, self.fail_left, self.status = invert, fail_first, status
+        self.down_after, self.garbage, self.served = down_after, garbage, 0
         self.lock = threading.Lock()
         outer = self
 
@@ -103,8 +111,11 @@ class _Server:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
-                    fail = outer.fail_left > 0
-                    outer.fail_left -= int(fail)
+                    fail = outer.fail_left > 0 or (
+                        outer.down_after is not None and outer.served >= outer.down_after
+                    )
+                    outer.fail_left -= int(outer.fail_left > 0)
+                    outer.served += int(not fail)
                     if not fail:
                         outer.requests.append(body)
                         outer.headers.append(dict(self.headers))
@@ -117,6 +128,8 @@ class _Server:
                 reply = json.dumps(
                     {"choices": [{"message": {"role": "assistant", "content": text}}]}
                 ).encode()
+                if outer.garbage:
+                    reply = b"<html>502 Bad Gateway</html>"
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
@@ -471,6 +484,54 @@ def test_evaluator_with_a_perfect_and_an_inverted_scorer(tmp_path, capsys):
     assert "autointerp_embedding" not in bad.metrics
 
 
+def test_an_endpoint_that_goes_down_keeps_the_finished_answers_and_a_rerun_resumes(tmp_path):
+    src, sae = _PlantedSource(), planted_sae()
+
+    def client(srv):
+        return {"_target_": OPENAI, "model": "m", "base_url": srv.url, "api_key_env": "", "max_retries": 0}
+
+    with _Server() as srv:
+        want = _interp(tmp_path, explainer=client(srv))(sae, src, tmp_path / "ref")
+        assert len(srv.requests) == 28  # 4 explanations + 4 latents × 6 scoring prompts
+    run = tmp_path / "run"
+    # down after 10 answers: the explanations (chunks of 3 + 1) and two scoring chunks are saved; the
+    # chunk in flight (prompts 11-13) is lost whole
+    with _Server(down_after=10) as srv:
+        with pytest.raises(ChatServerError) as err:
+            _interp(tmp_path, explainer=client(srv))(sae, src, run)
+    msg = str(err.value)
+    assert msg.startswith("autointerp stopped after 6 of 24 prompts: ") and "HTTP 503" in msg
+    assert f"kept in {run / 'autointerp' / 'cache.jsonl'}: rerun the same command" in msg
+    assert len(read_cache(run / "autointerp" / "cache.jsonl")) == 10
+    assert not (run / "autointerp" / "explanations.jsonl").exists()  # no half-finished result
+    with _Server() as srv:
+        got = _interp(tmp_path, explainer=client(srv))(sae, src, run)
+        assert len(srv.requests) == 28 - 10  # only the missing prompts
+    assert got.metrics == want.metrics and got.metrics["autointerp_detection"] == 1.0
+    # an endpoint answering something that is not a chat completion
+    with _Server(garbage=True) as srv:
+        with pytest.raises(ChatServerError, match=r"stopped after 0 of 4 prompts: .*not a chat completion"):
+            _interp(tmp_path, explainer=client(srv))(sae, src, tmp_path / "garbage")
+
+
+class _WrongExplainer(_Scripted):
+    """Explains latent j as the word of latent j + 1 (a wrong explanation); scores like `_Scripted`."""
+
+    def complete(self, prompts, max_tokens=64, temperature=0.0):
+        out = super().complete(prompts, max_tokens, temperature)
+        shift = lambda m: f"the word w{(int(m.group(1)) + 1) % V}"  # noqa: E731
+        return [re.sub(r"(?<=^Explanation: )the word w(\d+)", shift, a) for a in out]
+
+
+def test_a_wrong_explanation_scores_near_chance_with_a_perfect_scorer(tmp_path):
+    src, sae = _PlantedSource(), planted_sae()
+    res = _interp(tmp_path, explainer=_WrongExplainer(), n_latents=8, n_score=12)(sae, src, tmp_path)
+    rows = res.data["autointerp"]["latents"]
+    assert all(r["explanation"] == f"the word w{(r['latent'] + 1) % V}" for r in rows) and len(rows) == 8
+    assert abs(res.metrics["autointerp_detection"] - 0.5) < 0.1
+    assert res.metrics["autointerp_fuzzing"] == 0.5  # every marking is judged wrong
+
+
 def test_evaluator_reuses_records_of_this_sae_only(tmp_path, capsys):
     src, sae = _PlantedSource(), planted_sae()
     kw = {"window": (4, 2), "n_quantiles": 4, "per_quantile": 6, "reservoir": 64}
@@ -764,3 +825,36 @@ def test_tiny_real_run_with_the_embedded_smollm2(tmp_path):
         r["fuzzing_items"] for r in rows
     )
     assert (tmp_path / "autointerp" / "cache.jsonl").is_file()
+
+
+# ≈ 1 min on 2 CPU cores (model load included)
+@pytest.mark.slow
+def test_the_embedded_smollm2_ranks_by_a_right_explanation_but_is_far_from_1():
+    """Detection by the real scorer on a latent that fires exactly on " cat": what SmolLM2-135M gives.
+
+    A scorer that follows the question gives the right explanation an AUROC near 1 and a wrong one
+    near 0.5 (the stand-in scorer above does). SmolLM2-135M (4-bit) does not: P(Yes) stays near 0.1 for
+    every snippet, so the balanced accuracy of P(Yes) > ½ is 0.5 for both. The AUROC of its P(Yes)
+    separates them, but only a little for the right one. Measured: right 0.625, wrong 0.33. The test
+    holds that line (right above chance and clearly above wrong), not a score near 1.
+    """
+    from saelab.interp.clients import HFChatLM
+
+    pos = [
+        "the cat sat on the mat", "my cat likes fish", "a black cat crossed the road",
+        "she fed the cat at noon", "the cat slept all day", "we adopted a cat last year",
+        "his cat is very old", "the cat chased a mouse",
+    ]  # fmt: skip
+    neg = [
+        "the train left the station late", "he wrote a long letter", "rain fell on the roof",
+        "the market opened early", "they painted the fence blue", "prices rose in march",
+        "the river runs to the sea", "a new bridge was built",
+    ]  # fmt: skip
+    items = [Item(t, 1) for t in pos] + [Item(t, 0) for t in neg]
+    lm = HFChatLM(batch_size=8)
+    got = {}
+    for name, expl in (("right", "the word cat"), ("wrong", "the word ocean")):
+        chats = [c for c, _ in yes_no_prompts("detection", expl, items)]
+        got[name] = score_probabilities([i.label for i in items], lm.yes_probability(chats))
+    print({k: (v.score, round(v.auroc, 3), max(v.p_yes)) for k, v in got.items()})
+    assert got["right"].auroc >= 0.55 and got["right"].auroc - got["wrong"].auroc >= 0.2

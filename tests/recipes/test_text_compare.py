@@ -67,3 +67,25 @@ def test_matryoshka_text_tiny(tmp_path):
             assert e["parent"] < 4 and all(c["latent"] >= 4 for c in e["children"])
             assert all(c["cofire"] >= 0.3 for c in e["children"])
     assert (run_dir / "prefix_explained_variance.png").exists()
+
+
+def test_matryoshka_autointerp_tiny(tmp_path):
+    """Step 4 of the matryoshka recipe: records, autointerp per group (the embedded SmolLM2 explains the
+    tiny host's latents), steering, the browser and the contexts table, for both variants."""
+    run_dir = tmp_path / "run"
+    run_cli("+experiment=matryoshka_autointerp", *_tiny(tmp_path), run_dir=run_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    found = res["interpret"]
+    assert set(found) == {"batchtopk", "matryoshka_fixed"}
+    md = (run_dir / "report.md").read_text()
+    for name, got in found.items():
+        chosen = [j for g in got["chosen"].values() for j in g]
+        assert chosen and all(0 <= j < 64 for j in chosen)
+        explained = [json.loads(ln) for ln in (run_dir / name / "autointerp" / "explanations.jsonl").open()]
+        assert {r["latent"] for r in explained} <= set(chosen) and explained
+        assert all(0.0 <= r["embedding"] <= 1.0 for r in explained if r["embedding"] is not None)
+        assert (run_dir / name / "browser" / "index.html").is_file()
+        assert (run_dir / name / "features" / "lens.json").is_file()
+        assert f"## Top contexts: {name}" in md and f"## Auto-interpretation by group: {name}" in md
+        if got["steering"]["latents"]:
+            assert got["steering"]["rows"]
