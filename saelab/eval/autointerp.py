@@ -416,10 +416,7 @@ class AutoInterp:
             print(
                 "saelab: autointerp: no latent has enough contexts; raise `tokens` or lower `min_examples`."
             )
-            return EvalResult(
-                metrics={"autointerp_n_latents": 0.0},
-                data={"autointerp": {"latents": [], "skipped": {str(j): w for j, w in skipped.items()}}},
-            )
+            return self._result([], rec, skipped, folder, self.explainer, None)
 
         # 1. explanations
         explainer = self._client(self.explainer, cache_path, source.host)

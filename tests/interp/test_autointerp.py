@@ -514,6 +514,16 @@ def test_an_endpoint_that_goes_down_keeps_the_finished_answers_and_a_rerun_resum
             _interp(tmp_path, explainer=client(srv))(sae, src, tmp_path / "garbage")
 
 
+def test_no_latent_with_enough_contexts_gives_an_empty_table(tmp_path, capsys):
+    src, sae = _PlantedSource(), planted_sae()
+    client = _Scripted()
+    res = _interp(tmp_path, explainer=client, min_examples=1000)(sae, src, tmp_path)
+    assert "no latent has enough contexts" in capsys.readouterr().out and client.sent == 0
+    assert res.metrics["autointerp_n_latents"] == 0 and res.tables["autointerp"].rows == []
+    assert res.tables["autointerp"].headers[:3] == ["latent", "density", "explanation"]
+    assert (tmp_path / "autointerp" / "explanations.jsonl").read_text() == ""
+
+
 class _WrongExplainer(_Scripted):
     """Explains latent j as the word of latent j + 1 (a wrong explanation); scores like `_Scripted`."""
 
