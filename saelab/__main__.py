@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.allocator import keep_freed_memory
 from saelab.checks import check_config
 from saelab.lit import end_distributed
+from saelab.sweep import JobFailed, is_wandb_sweep
 from saelab.train import apply_debug, run_dir_of
 
 PKG = Path(__file__).resolve().parent
@@ -38,10 +39,14 @@ def register_sweeps(folder: Path = SWEEPS) -> None:
     The folder sits beside conf/, not in it. Putting its parent on Hydra's search path would also make
     every sibling folder (.git, .venv, outputs) a group; the ConfigStore holds just these files and is on
     the search path of runs, `--help` and shell completion alike. Sweep files are `# @package _global_`.
+    A W&B sweep spec kept beside them (`wandb sweep sweeps/wandb_topk.yaml`) is not a Hydra config and is
+    left out.
     """
     store = ConfigStore.instance()
     for path in sorted(folder.glob("*.yaml")):
-        store.store(name=path.stem, node=OmegaConf.load(path), group="sweeps", package="_global_")
+        node = OmegaConf.load(path)
+        if not is_wandb_sweep(node):
+            store.store(name=path.stem, node=node, group="sweeps", package="_global_")
 
 
 def friendly_error(exc: BaseException) -> str:
@@ -64,6 +69,14 @@ def log_to_file(level: int, msg: str, exc_info: bool = False) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and level >= handler.level:
             handler.handle(record)
+
+
+def in_multirun() -> bool:
+    """Whether this run is a job of a multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def run_recipe(cfg: DictConfig):
@@ -99,6 +112,8 @@ def main(cfg: DictConfig):
         if os.environ.get("SAELAB_DEBUG"):
             raise
         print(f"saelab: error: {friendly_error(e)}\n(set SAELAB_DEBUG=1 for the traceback)", file=sys.stderr)
+        if in_multirun():  # the job fails, not the process: the launcher runs the other jobs
+            raise JobFailed(friendly_error(e)) from None
         sys.exit(2)
     finally:
         end_distributed()  # under DDP every rank leaves its process group before exit

@@ -12,11 +12,23 @@ but everything after the selection works on the nnz entries only, and no backwar
 
 CSR products are deterministic and exist on CPU and CUDA for float32/float64; half-precision weights are
 upcast to float32 for them (MKL and the sampled product have no bf16/fp16 kernels on CPU).
+
+Mixed precision (`trainer.precision=bf16-mixed`: Lightning runs the step under `torch.autocast` on "cpu"
+or "cuda" with bfloat16) follows sparsify's GPU setup: EleutherAI sparsify keeps fp32 parameters and wraps
+`SparseCoder.forward` in bf16 autocast, so its fused encoder's linear and top-k run in bf16, the selected
+activations are cast back to the parameter dtype before its embedding-bag decoder, and FVU and AuxK are
+computed from that fp32 output. Here likewise: π is autocast's bf16 `addmm` and the selection reads it (ties
+resolved by `topk_indices`); `vals` leave `SparseEncode` in the parameter dtype, so their gradient arrives
+in fp32 and the encoder backward (CSR products with the fp32 x_in) is fp32 too; the decoder and every
+backward here run with autocast off (`no_autocast`), so nothing after the selection is bf16. Without
+autocast nothing changes: the casts are no-ops and `no_autocast` is a null context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from contextlib import AbstractContextManager
 from functools import cached_property
 
 import torch
@@ -25,6 +37,59 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 _SPARSE_DTYPES = (torch.float32, torch.float64)
+# dtypes whose 8 (bf16) or 11 (fp16) significant bits make equal pre-activations common
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for `device`'s type (False on a device type autocast does not know)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def no_autocast(device: torch.device) -> AbstractContextManager:
+    """Autocast off for `device`'s type while it is on (a null context otherwise): an fp32 region."""
+    return torch.autocast(device.type, enabled=False) if autocast_on(device) else contextlib.nullcontext()
+
+
+def topk_indices(v: Float[Tensor, "rows n"], k: int) -> Int[Tensor, "rows k"]:
+    """Column indices of the k largest entries of each row, ascending; ties at the k-th value go to the
+    lowest index. Exactly k per row, and the same on every device and thread count.
+
+    torch.topk returns exactly k, but which of several equal values it keeps is unspecified (on CPU,
+    whatever its partial sort leaves). In bf16 (8 significant bits) equal values at the boundary are the
+    rule, not the exception: in a row of 16384 Gaussian π with k = 32, about half the rows have their k-th
+    and (k+1)-th values equal. So take c = k + k/4 + 8 candidates with torch.topk, order them by index,
+    stable-sort them by value (largest first) and keep the first k: among equal values the lowest indices
+    come first. A row whose tie group may reach past the candidates (its c-th value equals its k-th) is
+    redone exactly over the whole row (`_topk_exact`); with Gaussian π that is rare, as the margin is wider
+    than the expected group, at most about k·t²/128 entries for a k-th value t standard deviations out.
+    """
+    n = v.shape[-1]
+    c = min(n, k + k // 4 + 8)
+    vals, idx = v.topk(c, dim=-1, sorted=False)  # (rows, c)
+    idx, order = idx.sort(dim=-1)
+    vals = vals.gather(-1, order)
+    pick = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :k]  # (rows, k)
+    out = idx.gather(-1, pick)
+    if c < n:
+        kth = vals.gather(-1, pick[:, -1:])  # (rows, 1) the k-th largest value
+        spill = (vals.amin(-1, keepdim=True) == kth).squeeze(-1)  # the c-th equals it: the group may go on
+        if bool(spill.any()):
+            out[spill] = _topk_exact(v[spill], k, kth[spill])
+    return out.sort(dim=-1).values
+
+
+def _topk_exact(v: Tensor, k: int, kth: Tensor) -> Tensor:
+    """`topk_indices` over whole rows given each row's k-th largest value: every entry above it, then the
+    lowest-indexed entries equal to it until the row has k (ascending)."""
+    keep = v > kth  # (rows, n)
+    need = k - keep.sum(-1)  # (rows,) how many of the tied entries each row takes
+    r, c = (v == kth).nonzero(as_tuple=True)  # row-major: each row's tied entries by index
+    counts = torch.bincount(r, minlength=v.shape[0])
+    rank = torch.arange(r.numel(), device=v.device) - (torch.cumsum(counts, 0) - counts)[r]
+    take = rank < need[r]
+    keep[r[take], c[take]] = True
+    return keep.nonzero(as_tuple=True)[1].view(v.shape[0], k)
 
 
 def row_offsets(rows: Int[Tensor, " nnz"], batch: int) -> Int[Tensor, " batch"]:
@@ -133,13 +198,18 @@ class SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, x_in, pre, layout: SparseLayout):
-        vals = pre[layout.rows, layout.cols].relu()  # (nnz,)
+        vals = pre[layout.rows, layout.cols].to(W_enc.dtype).relu()  # (nnz,) bf16 π (autocast) upcast
         ctx.save_for_backward(x_in, W_enc, vals)
         ctx.layout = layout
         return vals
 
     @staticmethod
     def backward(ctx, grad_vals: Tensor):
+        with no_autocast(grad_vals.device):  # a backward run inside an autocast block stays fp32
+            return SparseEncode._backward(ctx, grad_vals)
+
+    @staticmethod
+    def _backward(ctx, grad_vals: Tensor):
         x_in, W_enc, vals = ctx.saved_tensors
         lay: SparseLayout = ctx.layout
         need_x, need_bdec, need_W, need_benc = ctx.needs_input_grad[:4]
@@ -179,6 +249,11 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        with no_autocast(grad_out.device):
+            return SparseDecode._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         vals, W_dec = ctx.saved_tensors
         lay: SparseLayout = ctx.layout
         grad_vals = grad_W = None
@@ -214,7 +289,8 @@ def sparse_encode(
     """Score all latents, select with `select(π) -> (rows, cols)`, and return (vals, layout, π).
 
     π is computed outside the autograd graph (it is never differentiated densely); `vals` carries the
-    gradient to x, b_dec, W_enc and b_enc through `SparseEncode`.
+    gradient to x, b_dec, W_enc and b_enc through `SparseEncode`. Under autocast π is bf16 (so are the
+    selection's comparisons) and `vals` are in W_enc's dtype (see the module docstring).
     """
     with torch.no_grad():
         x_in = x - b_dec if b_dec is not None else x
@@ -227,7 +303,7 @@ def sparse_encode(
     if needs_grad:
         vals = SparseEncode.apply(x, b_dec, W_enc, b_enc, x_in, pre, layout)
     else:
-        vals = pre[layout.rows, layout.cols].relu()
+        vals = pre[layout.rows, layout.cols].to(W_enc.dtype).relu()
     return vals, layout, pre
 
 
@@ -242,12 +318,14 @@ def sparse_decode(
 ) -> Float[Tensor, "batch d_in"]:
     """Σ_j f_bj · W_dec[j] for each row b (no bias added), for row-sorted coordinates.
 
-    Forward is a weighted embedding-bag; with gradient enabled the backward is `SparseDecode`'s.
+    Forward is a weighted embedding-bag; with gradient enabled the backward is `SparseDecode`'s. Both run
+    in W_dec's dtype with autocast off (bf16 `vals` are upcast): the decoder is never bf16 under autocast.
     """
     if layout is None:
         layout = SparseLayout(rows, cols, batch, W_dec.shape[0])
         if offsets is not None:
             layout.offsets = offsets  # fills the cached property
-    if torch.is_grad_enabled() and (vals.requires_grad or W_dec.requires_grad):
-        return SparseDecode.apply(vals, W_dec, layout)
-    return _embedding_decode(layout, vals, W_dec)
+    with no_autocast(W_dec.device):
+        if torch.is_grad_enabled() and (vals.requires_grad or W_dec.requires_grad):
+            return SparseDecode.apply(vals.to(W_dec.dtype), W_dec, layout)
+        return _embedding_decode(layout, vals, W_dec)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from saelab import health
@@ -119,24 +120,36 @@ class LitSAE(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x = batch_acts(batch)
-        if self.global_step == 0:
+        loss, logs = self.train_step(x, self.global_step)
+        if self.global_step % self.log_every == 0:
+            self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=x.shape[0])
+        return loss
+
+    def train_step(self, x: Float[Tensor, "batch d_in"], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of optimiser step `step` on the batch `x`, and its named terms (`loss/<term>`); on every
+        `log_every`-th step also `metrics/l0`, `metrics/explained_variance` and `sparsity/dead_frac`.
+
+        Everything a step does before the backward: b_dec's init (step 0), the forward, the objective and
+        the dead-latent count. `step` is passed in, not read from the trainer, so that
+        `saelab.multi.LitMultiSAE` runs this same step on each of its SAEs (which no trainer is attached to).
+        """
+        if step == 0:
             self._init_b_dec(x)
-        state = TrainState(step=self.global_step, seed=self.seed, dead_mask=self.dead_mask())
+        state = TrainState(step=step, seed=self.seed, dead_mask=self.dead_mask())
         out: SAEOutput = self.sae(x)
         if _distributed():
             self._average_buffers()
         loss, logs = self.objective(out, self.sae, state)
         self._count_firing(out, x.shape[0])
-        if self.global_step % self.log_every == 0:
+        if step % self.log_every == 0:
             with torch.no_grad():
                 y = out.x.float()
                 ev = 1 - (y - out.x_hat.float()).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
                 logs["metrics/l0"] = out.l0.mean()
                 logs["metrics/explained_variance"] = ev
                 logs["sparsity/dead_frac"] = self.dead_mask().float().mean()
-            self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
-        self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=x.shape[0])
-        return loss
+        return loss, logs
 
     @torch.no_grad()
     def _init_b_dec(self, x: Tensor) -> None:
@@ -212,17 +225,21 @@ class LitSAE(pl.LightningModule):
         self.val_silent.update(self._fired_counts(out), x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
+        where = f"at the validation of step {self.global_step}"
+        # compute() has already reduced over ranks; sync_dist says so to Lightning, which warns otherwise
+        self.log_dict(self.end_validation(self.trainer.sanity_checking, where), sync_dist=True)
+
+    def end_validation(self, sanity_checking: bool, where: str) -> dict[str, Tensor]:
+        """The validation's `val/l0` and `val/explained_variance`, with the streams reset for the next one;
+        a diverged SAE is flagged (`saelab.health`, saying `where`) unless this is the sanity check of the
+        untrained model."""
         ev, silent = self.val_ev.compute(), self.val_silent.compute()
-        self.log_dict(
-            {"val/l0": self.val_l0.compute(), "val/explained_variance": ev},
-            # compute() has already reduced over ranks; sync_dist says so to Lightning, which warns otherwise
-            sync_dist=True,
-        )
+        logs = {"val/l0": self.val_l0.compute(), "val/explained_variance": ev}
         for m in (self.val_l0, self.val_ev, self.val_silent):
             m.reset()
-        if not self.trainer.sanity_checking:  # the untrained model is no sign of divergence
-            where = f"at the validation of step {self.global_step}"
+        if not sanity_checking:  # the untrained model is no sign of divergence
             health.check_divergence(self, float(ev), float(silent), where)
+        return logs
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):

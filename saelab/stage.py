@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saelab import dashboards, health
 from saelab.checkpoint import AtomicCheckpointIO, ConfigInCheckpoint, newest_checkpoint
@@ -143,7 +143,7 @@ def train_stage(
         if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and reports
             out.is_global_zero = False
             return out
-        chosen = evaluators(cfg.eval.get("metrics") if metrics is None else metrics)
+        chosen = evaluators(OmegaConf.select(cfg, "eval.metrics") if metrics is None else metrics)
         out.eval = evaluate(res.sae, dm, chosen, out_dir or run_dir / name)
         out.metrics = {f"eval/{k}": v for k, v in out.eval.metrics.items()}
         out.metrics |= {"train/seconds": res.seconds, "train/steps": out.steps}
@@ -179,7 +179,7 @@ def evaluate_stage(
 ) -> dict[str, dict[str, EvalResult]]:
     """Evaluate every SAE on every source → {source: {sae: EvalResult}}; one W&B run `name` gets the summary
     (`<sae>/<source>/<metric>`). Figures go to `<run>/<name>/<source>/<sae>/`."""
-    chosen = evaluators(cfg.eval.get("metrics") if metrics is None else metrics)
+    chosen = evaluators(OmegaConf.select(cfg, "eval.metrics") if metrics is None else metrics)
     results: dict[str, dict[str, EvalResult]] = {}
     for src_name, src in sources.items():
         for sae_name, sae in saes.items():

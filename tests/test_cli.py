@@ -12,7 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from support import ROOT
+
+from saelab.sweep import is_wandb_sweep
 
 BIN = Path(sys.executable).parent
 SAES = sorted(p.stem for p in (ROOT / "conf" / "sae").glob("*.yaml"))
@@ -45,7 +48,11 @@ def test_help_lists_the_sweeps_group(tmp_path):
     )
     assert p.returncode == 0, p.stderr
     groups = p.stdout.split("== Config ==")[0]
-    assert "sweeps: ortho_coeff, topk_k" in groups, groups
+    # every Hydra sweep file, not the W&B sweep spec beside them
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    hydra_sweeps = [p.stem for p in files if not is_wandb_sweep(OmegaConf.load(p))]
+    assert {"ortho_coeff", "topk_k", "optuna_topk"} <= set(hydra_sweeps)
+    assert f"sweeps: {', '.join(hydra_sweeps)}" in groups, groups
 
 
 def test_completion_offers_config_groups_only(tmp_path):

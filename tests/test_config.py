@@ -11,11 +11,14 @@ from conftest import CONF, ROOT, compose_cfg
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
+from saelab.sweep import is_wandb_sweep
+
 SAES = sorted(p.stem for p in (CONF / "sae").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 TERMS = sorted(p.stem for p in (CONF / "objective" / "terms").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+# Hydra sweep files (the W&B sweep spec beside them is not a Hydra config: tests/test_sweeps.py)
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml") if not is_wandb_sweep(OmegaConf.load(p)))
 METRICS = sorted(p.stem for p in (CONF / "eval" / "metrics").glob("*.yaml"))
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 
@@ -84,7 +87,15 @@ def test_experiments_compose_and_bind(experiment: str):
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweeps_set_only_sweeper_params(sweep: str):
     raw = OmegaConf.load(ROOT / "sweeps" / f"{sweep}.yaml")
-    assert set(raw.keys()) == {"hydra"} and set(raw.hydra.keys()) == {"sweeper"}
+    defaults = [str(k).split()[-1] for entry in raw.get("defaults", []) for k in entry]
+    if defaults == ["/recipe"]:
+        # a sweep as one multi-SAE fit (topk_k_one_fit): the multi recipe and its list of SAEs, nothing else
+        assert set(raw.keys()) == {"defaults", "recipe"} and set(raw.recipe.keys()) == {"saes"}
+        assert raw.defaults[0]["override /recipe"] == "multi"
+    else:
+        assert set(raw.keys()) <= {"hydra", "defaults"} and set(raw.hydra.keys()) == {"sweeper"}
+        # a defaults list may only choose the sweeper (optuna_topk: `override /hydra/sweeper: optuna`)
+        assert all(d.startswith("/hydra/sweeper") for d in defaults), defaults
     cfg = compose_cfg([f"+sweeps={sweep}"])
     check(cfg)
 

@@ -19,7 +19,7 @@ is skipped with a one-line message; a section should raise `SectionUnavailable(r
 
 from __future__ import annotations
 
-SECTIONS: tuple[str, ...] = ("topk", "variants", "harvest", "cache")
+SECTIONS: tuple[str, ...] = ("topk", "variants", "fit", "multi", "parallel", "harvest", "cache")
 
 
 class SectionUnavailable(RuntimeError):

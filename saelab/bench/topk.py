@@ -9,6 +9,14 @@ forward + backward + parallel-gradient removal + optimiser step + decoder renorm
 Steps are timed interleaved (saelab, sparsify, saelab, …) after a warm-up, so load from other
 processes hits both alike; the median step time gives samples/s. sparsify's `forward` turns on bf16
 autocast on CUDA; it is called undecorated here so both run in fp32 as specified.
+
+A third row, "saelab bf16-mixed", is the saelab step under `torch.autocast(device, bfloat16)` (what
+`trainer.precision=bf16-mixed` does): the encoder product and the top-k in bf16, decoder, loss and Adam in
+fp32 (see `saelab.sae.model`), reported against sparsify fp32. The roofline times a plain x @ W of the
+encoder's shapes ([batch, d_in] @ [d_in, d_sae]) in fp32 and bf16, interleaved with the steps, and sets
+the step's FLOPs against that rate: the encoder product 2·batch·d_in·d_sae, ×3 with a dense backward,
+plus the sparse decoder's 2·batch·k·d_in ×3. saelab's and sparsify's encoder backward are sparse, so the
+one dense product a step cannot avoid is the encoder forward: "step ÷ x@W" says how far a step is from it.
 """
 
 from __future__ import annotations
@@ -85,7 +93,12 @@ class SaelabRunner:
         objective: Objective | None = None,
         dead_mask: Tensor | None = None,
         dtype: str = "float32",
+        bf16_mixed: bool = False,
     ) -> None:
+        self.bf16_mixed = bf16_mixed  # the step under bf16 autocast, as trainer.precision=bf16-mixed runs it
+        self.device_type = torch.device(device).type
+        if bf16_mixed:
+            self.name = "saelab bf16-mixed"
         act = activation if activation is not None else TopK(size.k)
         self.sae = SAE(size.d_in, size.d_sae, act, b_dec_init="zeros", seed=seed, dtype=dtype).to(device)
         self.objective = objective if objective is not None else Objective({"fvu": FVU()})
@@ -94,9 +107,11 @@ class SaelabRunner:
         self.n_steps = 0
 
     def loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.sae(x)
-        state = TrainState(step=self.n_steps, dead_mask=self.dead_mask)
-        loss, _ = self.objective(out, self.sae, state)
+        mixed = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.bf16_mixed else None
+        with mixed or contextlib.nullcontext():  # Lightning autocasts the forward and loss, not the backward
+            out = self.sae(x)
+            state = TrainState(step=self.n_steps, dead_mask=self.dead_mask)
+            loss, _ = self.objective(out, self.sae, state)
         return loss, out.x_hat
 
     def step(self, x: Tensor) -> Tensor:
@@ -144,6 +159,37 @@ class SparsifyRunner:
         self.opt.zero_grad(set_to_none=True)
         self.sc.set_decoder_norm_to_unit_norm()
         return loss.detach()
+
+
+class MatmulRunner:
+    """A plain x @ W of the encoder's shapes, [batch, d_in] @ [d_in, d_sae], in `dtype` (the roofline)."""
+
+    def __init__(self, size: Size, device: str, dtype: torch.dtype) -> None:
+        self.name = f"x @ W {str(dtype).removeprefix('torch.')}"
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(size.d_in, size.d_sae, generator=g) / size.d_in**0.5
+        self.W, self.dtype = W.to(device=device, dtype=dtype), dtype
+        self._x: dict[int, Tensor] = {}  # each batch cast once, outside the timed product
+
+    def step(self, x: Tensor) -> Tensor:
+        xc = self._x.get(id(x))
+        if xc is None:
+            xc = self._x[id(x)] = x.to(self.dtype)
+        return xc @ self.W
+
+
+def step_flops(size: Size) -> dict[str, float]:
+    """FLOPs of one step: the encoder product 2·batch·d_in·d_sae (forward; ×3 with a dense backward) and
+    the sparse decoder 2·batch·k·d_in ×3 (forward, ∂L/∂f and ∂L/∂W_dec)."""
+    enc = 2.0 * size.batch * size.d_in * size.d_sae
+    dec = 2.0 * size.batch * size.k * size.d_in
+    return {"encoder": enc, "encoder_x3": 3 * enc, "decoder_x3": 3 * dec, "total": 3 * enc + 3 * dec}
+
+
+def _runner(which: str, size: Size, device: str):
+    if which == "sparsify":
+        return SparsifyRunner(size, device)
+    return SaelabRunner(size, device, bf16_mixed=which == "saelab bf16-mixed")
 
 
 def _sparsify_version() -> str:
@@ -246,9 +292,9 @@ def time_interleaved(
 def _rss_child(which: str, size: Size, device: str, queue) -> None:
     """Peak resident-set growth (MiB) during one warm training step, measured in a fresh process."""
     try:
-        if which != "saelab":
+        if which == "sparsify":
             _sparsify_version()  # quiet import
-        runner = SaelabRunner(size, device) if which == "saelab" else SparsifyRunner(size, device)
+        runner = _runner(which, size, device)
         xs = make_batches(size, 2, device)
         for x in xs:  # allocate optimiser state and warm every code path first
             runner.step(x)
@@ -273,7 +319,7 @@ def peak_step_memory(which: str, size: Size, device: str) -> float | str:
     threshold, so glibc returns freed buffers at once and the high-water mark sees each step's own peak.
     """
     if device.startswith("cuda"):
-        runner = SaelabRunner(size, device) if which == "saelab" else SparsifyRunner(size, device)
+        runner = _runner(which, size, device)
         xs = make_batches(size, 2, device)
         for x in xs:
             runner.step(x)
@@ -320,6 +366,31 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def bf16_parity(device: str) -> dict[str, float]:
+    """saelab under bf16 autocast against saelab fp32, same weights and batch, step 0: the share of rows whose
+    top-k is the same (bf16 π reorders near-equal latents), ‖Δx̂‖/‖x̂‖ over those rows, and |Δloss|/loss."""
+    a, b = SaelabRunner(PARITY, device, seed=1), SaelabRunner(PARITY, device, seed=1, bf16_mixed=True)
+    x = make_batches(PARITY, 1, device, seed=4)[0]
+    with torch.no_grad():
+        la, xa = a.loss(x)
+        lb, xb = b.loss(x)
+        out_a = a.sae(x)
+        with torch.autocast(b.device_type, dtype=torch.bfloat16):
+            out_b = b.sae(x)
+        same = (out_a.codes != 0).eq(out_b.codes != 0).all(-1)  # (batch,)
+        return {
+            "x_hat": float((xa - xb)[same].norm() / xa[same].norm()),
+            "loss": float((la - lb).abs() / la.abs()),
+            "same": float(same.float().mean()),
+        }
+
+
+def _rate(flops: float, seconds: float) -> str:
+    """FLOP/s in the unit that keeps it readable (GFLOP/s, or TFLOP/s from 10 TFLOP/s)."""
+    r = flops / seconds
+    return f"{r / 1e12:,.1f} TFLOP/s" if r >= 1e13 else f"{r / 1e9:,.0f} GFLOP/s"
+
+
 def main(args: argparse.Namespace) -> list[str]:
     version = _sparsify_version()
     device = str(getattr(args, "device", None) or "cpu")
@@ -330,7 +401,7 @@ def main(args: argparse.Namespace) -> list[str]:
     torch.manual_seed(0)
 
     lines = [
-        f"TopK SAE training step, {size}, fp32, {device}"
+        f"TopK SAE training step, {size}, fp32 (and saelab under bf16 autocast), {device}"
         + (
             f" ({torch.get_num_threads()} threads)"
             if device.startswith("cpu")
@@ -344,31 +415,59 @@ def main(args: argparse.Namespace) -> list[str]:
         f"parity: max |Δx̂| = {p['x_hat']:.2e}, |Δloss| = {p['loss']:.2e}, max |Δgrad| = {p['grad']:.2e} "
         f"(same weights, {PARITY})"
     )
+    q = bf16_parity(device)
+    lines.append(
+        f"bf16-mixed vs fp32 saelab: rows with the same top-k {q['same']:.0%}, on them ‖Δx̂‖/‖x̂‖ = "
+        f"{q['x_hat']:.1e}; |Δloss|/loss = {q['loss']:.1e} (same weights, {PARITY}; bf16: 8 significant bits)"
+    )
 
     a = SaelabRunner(size, device, seed=0)
     b = SparsifyRunner(size, device, init=a.sae)
+    c = SaelabRunner(size, device, seed=0, bf16_mixed=True)
+    mm = [MatmulRunner(size, device, dt) for dt in (torch.float32, torch.bfloat16)]
     batches = make_batches(size, 4, device, seed=0)
-    times = time_interleaved([a, b], batches, warmup, steps, device)
-    del a, b, batches
+    times = time_interleaved([a, b, c, *mm], batches, warmup, steps, device)
+    del a, b, c, mm, batches
     med = [statistics.median(t) for t in times]
+    names = ("saelab", "sparsify", "saelab bf16-mixed")
     if getattr(args, "memory", True):
-        mem = [peak_step_memory(name, size, device) for name in ("saelab", "sparsify")]
+        mem = [peak_step_memory(name, size, device) for name in names]
     else:
-        mem = ["skipped", "skipped"]
+        mem = ["skipped"] * len(names)
 
     rows = []
-    for name, t, m, mm in zip(("saelab", f"sparsify {version}"), times, med, mem, strict=True):
-        mem_s = f"{mm:.0f}" if isinstance(mm, float) else str(mm)
-        rows.append([name, f"{size.batch / m:,.0f}", f"{m * 1e3:.0f}", f"{min(t) * 1e3:.0f}", mem_s])
-    headers = ["implementation", "samples/s", "median step ms", "min step ms", "peak step MiB"]
+    labels = ("saelab", f"sparsify {version}", "saelab bf16-mixed")
+    for name, t, m, mem_m in zip(labels, times, med, mem, strict=False):
+        mem_s = f"{mem_m:.0f}" if isinstance(mem_m, float) else str(mem_m)
+        rows.append(
+            [
+                name,
+                f"{size.batch / m:,.0f}",
+                f"{med[1] / m:.2f}x",
+                f"{m * 1e3:.1f}",
+                f"{min(t) * 1e3:.1f}",
+                mem_s,
+            ]
+        )
+    headers = [
+        "implementation",
+        "samples/s",
+        "vs sparsify fp32",
+        "median step ms",
+        "min step ms",
+        "peak step MiB",
+    ]
     lines += ["", *_table(headers, rows), ""]
     lines.append(
-        f"ratio saelab/sparsify: {med[1] / med[0]:.2f}x samples/s "
-        f"({steps} interleaved steps each after {warmup} warm-up; median)"
+        f"ratio saelab/sparsify: {med[1] / med[0]:.2f}x samples/s; saelab bf16-mixed/sparsify fp32: "
+        f"{med[1] / med[2]:.2f}x ({steps} interleaved steps each after {warmup} warm-up; median)"
     )
-    mem_a, mem_b = mem
+    mem_a, mem_b, mem_c = mem
     if isinstance(mem_a, float) and isinstance(mem_b, float):
-        lines.append(f"peak step memory saelab/sparsify: {mem_a / mem_b:.2f}x")
+        lines.append(
+            f"peak step memory saelab/sparsify: {mem_a / mem_b:.2f}x"
+            + (f"; saelab bf16-mixed/sparsify: {mem_c / mem_b:.2f}x" if isinstance(mem_c, float) else "")
+        )
         lines.append(
             "(peak step MiB: "
             + (
@@ -378,6 +477,38 @@ def main(args: argparse.Namespace) -> list[str]:
             )
             + ")"
         )
+
+    # roofline: the step's FLOPs against a plain x @ W of the encoder's shapes, timed among the steps
+    fl = step_flops(size)
+    t32, t16 = med[3], med[4]
+    lines += [
+        "",
+        f"roofline: x @ W, [{size.batch}, {size.d_in}] @ [{size.d_in}, {size.d_sae}]: fp32 {t32 * 1e3:.1f} ms "
+        f"({_rate(fl['encoder'], t32)}), bf16 {t16 * 1e3:.1f} ms ({_rate(fl['encoder'], t16)}, "
+        f"{t32 / t16:.2f}x fp32)",
+        f"step FLOPs: encoder 2·batch·d_in·d_sae = {fl['encoder'] / 1e9:.2f} G (×3 with a dense backward: "
+        f"{fl['encoder_x3'] / 1e9:.2f} G) + sparse decoder 2·batch·k·d_in ×3 = {fl['decoder_x3'] / 1e9:.3f} G "
+        f"= {fl['total'] / 1e9:.2f} GFLOP",
+    ]
+    roof = []
+    for name, m, t_mm in zip(labels, med, (t32, t32, t16), strict=False):
+        rate = fl["total"] / m
+        roof.append(
+            [
+                name,
+                _rate(fl["total"], m),
+                f"{rate / (fl['encoder'] / t_mm):.0%}",
+                f"{m / t_mm:.2f}",
+            ]
+        )
+    lines += [
+        "",
+        *_table(
+            ["implementation", "step FLOPs / step time", "of its dtype's x @ W rate", "step ÷ x @ W"], roof
+        ),
+        "(the dense count assumes a dense encoder backward; saelab's and sparsify's are sparse, so a step can "
+        "pass 100%. The encoder forward is the one dense product a step must do: step ÷ x @ W ≥ 1)",
+    ]
     if device.startswith("cpu") and hasattr(os, "getloadavg"):
         lines.append(
             f"(machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"

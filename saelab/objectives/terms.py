@@ -4,6 +4,12 @@
 A term returns its raw value; `weight(state)` gives the multiplier the `Objective` applies (its
 coefficient, times a warm-up factor where the term has one). Reductions: "sum over d_in, mean over
 the batch" unless stated.
+
+Every term is fp32 also under bf16 autocast (`trainer.precision=bf16-mixed`), as sparsify computes its FVU
+and AuxK from its fp32 decoder output: the SAE hands over fp32 `x`, `x_hat` and codes, the elementwise
+arithmetic here is never autocast, and the products that would be (Matryoshka's dense block decode, the
+Ortho Gram matrix) run with autocast off. The one bf16 product is AuxK's dead-latent π, an encoder product
+like the SAE's own (sparsify's AuxK also ranks the bf16 π); its selection, decode and loss are fp32.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from saelab.kernels import sparse_decode
+from saelab.kernels import LOW_PRECISION, no_autocast, sparse_decode, topk_indices
 from saelab.types import SAELike, SAEOutput, TrainState
 
 
@@ -156,10 +162,15 @@ class AuxK(Term):
         dead = state.dead_mask.nonzero(as_tuple=True)[0]
         k = min(self.k_aux, dead.numel())
         e = (out.x - out.x_hat).detach().float()
-        pre = sae.encode_pre(out.x, dead)  # (batch, n_dead), with gradient
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
-        idx, order = idx.sort(dim=-1)  # columns ascending within each row, as the CSR products expect
-        vals = vals.gather(-1, order)
+        pre = sae.encode_pre(out.x, dead)  # (batch, n_dead), with gradient; bf16 under autocast
+        if pre.dtype in LOW_PRECISION:  # bf16 ties at the k-th value go to the lowest index
+            idx = topk_indices(pre.detach(), k)
+            vals = pre.gather(-1, idx)
+        else:
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
+            idx, order = idx.sort(dim=-1)  # columns ascending within each row, as the CSR products expect
+            vals = vals.gather(-1, order)
+        vals = vals.to(sae.W_dec.dtype)  # decoded in fp32 (sparse_decode turns autocast off)
         batch = pre.shape[0]
         rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
         # the SAE's own sparse decode (SparseDecode: CSR products in the backward), shared with Matryoshka
@@ -230,7 +241,8 @@ def most_similar(
     block = block or max(1, 2**25 // (w * n_t))
     for r0 in range(0, c, block):
         b = min(block, c - r0)
-        with _fp32_accumulation(Wn.device):
+        # autocast off: the product is in `gram_dtype` whatever a caller's autocast (bf16-mixed) says
+        with _fp32_accumulation(Wn.device), no_autocast(Wn.device):
             G = Wg[r0 : r0 + b] @ Wg.t()  # (b, w·n_t) cosines of this block's rows with the whole chunk
         if absolute:
             G.abs_()
@@ -410,7 +422,8 @@ class Matryoshka(Term):
             return out.x_hat.new_zeros(0, *out.x_hat.shape)
         if out.sparse is None:
             codes = out.codes
-            return torch.stack([codes[:, s:e] @ sae.W_dec[s:e] for s, e in zip(bounds[:-1], bounds[1:])])
+            with no_autocast(codes.device):  # fp32 block decodes under bf16 autocast
+                return torch.stack([codes[:, s:e] @ sae.W_dec[s:e] for s, e in zip(bounds[:-1], bounds[1:])])
         # sparse path: one embedding-bag over (block, row) bags, each non-zero entry decoded once
         sp = out.sparse
         block = torch.bucketize(

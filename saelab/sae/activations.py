@@ -3,6 +3,11 @@
 Dense activations (`ReLU`, `JumpReLU`) map pre-activations to codes. Sparse ones (`TopK`,
 `BatchTopK`) only *select* which (row, latent) entries survive; the SAE then evaluates and
 decodes those entries sparsely (see `saelab.kernels`).
+
+Under bf16 autocast the selections read bf16 π, as sparsify's top-k does: a bf16 π has 8 significant
+bits, so equal values at the k-th place are common, and ties there go to the lowest latent index
+(`saelab.kernels.topk_indices`), the same on CPU and CUDA. fp32 and fp64 π keep torch.topk, where ties
+are measure-zero events, so the fp32 path is unchanged. Dense activations get π already upcast by the SAE.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from saelab.kernels import LOW_PRECISION, topk_indices
 
 
 class ReLU(nn.Module):
@@ -43,7 +50,10 @@ class TopK(nn.Module):
         batch, d_sae = pre.shape
         if self.k > d_sae:
             raise ValueError(f"TopK k={self.k} exceeds d_sae={d_sae}; lower sae.activation.k.")
-        cols = pre.topk(self.k, dim=-1, sorted=False).indices  # (batch, k)
+        if pre.dtype in LOW_PRECISION:
+            cols = topk_indices(pre, self.k)  # (batch, k) ascending; ties to the lowest latent
+        else:
+            cols = pre.topk(self.k, dim=-1, sorted=False).indices  # (batch, k)
         rows = torch.arange(batch, device=pre.device).repeat_interleave(self.k)
         return rows, cols.reshape(-1)
 
@@ -80,13 +90,18 @@ class BatchTopK(nn.Module):
                     "BatchTopK has no inference threshold yet: train for at least one step, "
                     "or call .train() to select by batch top-k."
                 )
-            rows, cols = (pre > self.threshold).nonzero(as_tuple=True)  # row-major, so rows are sorted
+            # compared in the threshold's dtype: a bf16 π against the fp32 θ, exactly
+            rows, cols = (pre.to(self.threshold.dtype) > self.threshold).nonzero(as_tuple=True)  # row-major
             return rows, cols
         n = min(self.k * batch, pre.numel())
-        flat = pre.reshape(-1).topk(n, sorted=False)
-        idx = flat.indices.sort().values  # sorted flat index ⇒ rows sorted
+        if pre.dtype in LOW_PRECISION:
+            idx = topk_indices(pre.reshape(1, -1), n)[0]  # ascending; ties to the lowest (row, latent)
+            values = pre.reshape(-1)[idx]
+        else:
+            flat = pre.reshape(-1).topk(n, sorted=False)
+            idx, values = flat.indices.sort().values, flat.values  # sorted flat index ⇒ rows sorted
         rows, cols = idx // d_sae, idx % d_sae
-        pos = flat.values[flat.values > 0]
+        pos = values[values > 0]
         if pos.numel():
             m = pos.min().to(self.threshold.dtype)
             if self.threshold < 0:

@@ -4,6 +4,18 @@
 
 Weights use the SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_in] (rows are latent
 directions), so exports need no transposes.
+
+Mixed precision (`trainer.precision=bf16-mixed`, i.e. the step under `torch.autocast(device, bfloat16)`)
+does what sparsify does on GPU (fp32 parameters, its forward under bf16 autocast): the encoder product π
+is bf16 (autocast's `addmm`, bias included, as sparsify's `F.linear`) and the activation selects on it;
+what leaves the encoder (the selected values, or the dense π upcast before a dense activation) is in the
+parameter dtype, and the decoder runs with autocast off, so x̂ and every loss term read fp32 tensors.
+`SAEOutput.x` is the fp32 input. Autocast never changes a parameter's dtype, so the optimiser state,
+checkpoints and exports stay fp32. On the sparse path the bf16 product is nearly all of the step's
+FLOPs (2·batch·d_in·d_sae, against ~8·batch·k·d_in for the decoder and both backwards), so it is the
+part that gains; the sparse decoder and the CSR backward are memory-bound (and the CSR products have no
+bf16 CPU kernels), and in fp32 they keep the gradients of W_dec and W_enc fp32 sums. On the dense path
+(ReLU, JumpReLU) the gradient to W_enc flows back through the bf16 product, as autocast differentiates it.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from saelab.files import CorruptFile, load_safetensors, read_json
-from saelab.kernels import SparseLayout, sparse_decode, sparse_encode
+from saelab.kernels import SparseLayout, autocast_on, no_autocast, sparse_decode, sparse_encode
 from saelab.types import SAEOutput, SparseCodes
 
 _DTYPES = {
@@ -102,18 +114,25 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def encode_pre(self, x: Float[Tensor, "batch d_in"], latents: Int[Tensor, " n"] | None = None) -> Tensor:
-        """Pre-activations π for all latents, or only for `latents` (with gradient)."""
+        """Pre-activations π for all latents, or only for `latents` (with gradient).
+
+        Under autocast one bf16 `addmm` (bias added before the rounding to bf16, like the sparse path's π
+        and sparsify's `F.linear`); otherwise the parameter dtype, as before.
+        """
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        if latents is None:
-            return x_in @ self.W_enc + self.b_enc
-        return x_in @ self.W_enc[:, latents] + self.b_enc[latents]
+        W, b = (self.W_enc, self.b_enc) if latents is None else (self.W_enc[:, latents], self.b_enc[latents])
+        if autocast_on(x.device):
+            return torch.addmm(b, x_in, W)  # (batch, n) bf16
+        return x_in @ W + b
 
     def encode(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
         """Dense latent codes f(x)."""
         return self(x).codes
 
     def decode(self, codes: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_in"]:
-        return codes @ self.W_dec + self.b_dec
+        """x̂ = f W_dec + b_dec in the parameter dtype, with autocast off."""
+        with no_autocast(codes.device):
+            return codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def check_input(self, x: Tensor) -> None:
         """One clear message when the data width and `sae.d_in` disagree."""
@@ -124,10 +143,12 @@ class SAE(nn.Module):
             )
 
     def forward(self, x: Float[Tensor, "batch d_in"]) -> SAEOutput:
+        """Encode, activate, decode. The dense path's π and codes, and `x_hat`, are in the parameter dtype
+        also under autocast; the sparse path's `pre_acts` (detached) is then bf16."""
         self.check_input(x)
-        x = x.to(self.W_enc.dtype)
+        x = x.to(self.W_enc.dtype)  # the input the loss reads: in the parameter dtype, never a bf16 copy
         if not getattr(self.activation, "sparse", False):
-            pre = self.encode_pre(x)
+            pre = self.encode_pre(x).to(x.dtype)  # a bf16 π (autocast) upcast exactly, with gradient
             codes = self.activation(pre)
             return SAEOutput(x=x, x_hat=self.decode(codes), pre_acts=pre, dense=codes)
         vals, layout, pre = self._sparse_encode(x)
