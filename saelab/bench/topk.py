@@ -161,6 +161,51 @@ class SparsifyRunner:
         return loss.detach()
 
 
+class SAELensRunner:
+    """The same TopK step with SAELens's `TopKTrainingSAE` (its training forward and loss, Adam), as its
+    trainer runs it: MSE on the reconstruction, no AuxK (no dead mask), SAELens's own decoder handling
+    (`rescale_acts_by_decoder_norm`, no unit-norm constraint). Starts from the same weights."""
+
+    name = "SAELens"
+
+    def __init__(self, size: Size, device: str, init: SAE | None = None) -> None:
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        cfg = TopKTrainingSAEConfig(d_in=size.d_in, d_sae=size.d_sae, k=size.k, device=device)
+        self.sae = TopKTrainingSAE(cfg)
+        if init is not None:
+            with torch.no_grad():
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                    getattr(self.sae, name).copy_(getattr(init, name))
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
+        self.n_steps = 0
+
+    def step(self, x: Tensor) -> Tensor:
+        from sae_lens.saes.sae import TrainStepInput
+
+        inp = TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=self.n_steps,
+            is_logging_step=False,
+        )
+        loss = self.sae.training_forward_pass(inp).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.n_steps += 1
+        return loss.detach()
+
+
+def _saelens_version() -> str | None:
+    try:
+        import sae_lens
+    except ImportError:
+        return None
+    return str(getattr(sae_lens, "__version__", "?"))
+
+
 class MatmulRunner:
     """A plain x @ W of the encoder's shapes, [batch, d_in] @ [d_in, d_sae], in `dtype` (the roofline)."""
 
@@ -425,9 +470,11 @@ def main(args: argparse.Namespace) -> list[str]:
     b = SparsifyRunner(size, device, init=a.sae)
     c = SaelabRunner(size, device, seed=0, bf16_mixed=True)
     mm = [MatmulRunner(size, device, dt) for dt in (torch.float32, torch.bfloat16)]
+    lens_version = _saelens_version()  # the `interop` extra installs it
+    lens = [SAELensRunner(size, device, init=a.sae)] if lens_version else []
     batches = make_batches(size, 4, device, seed=0)
-    times = time_interleaved([a, b, c, *mm], batches, warmup, steps, device)
-    del a, b, c, mm, batches
+    times = time_interleaved([a, b, c, *mm, *lens], batches, warmup, steps, device)
+    del a, b, c, mm, lens, batches
     med = [statistics.median(t) for t in times]
     names = ("saelab", "sparsify", "saelab bf16-mixed")
     if getattr(args, "memory", True):
@@ -449,6 +496,12 @@ def main(args: argparse.Namespace) -> list[str]:
                 mem_s,
             ]
         )
+    if lens_version:
+        m = med[5]
+        rows.append(
+            [f"SAELens {lens_version}", f"{size.batch / m:,.0f}", f"{med[1] / m:.2f}x", f"{m * 1e3:.1f}",
+             f"{min(times[5]) * 1e3:.1f}", "not measured"]
+        )  # fmt: skip
     headers = [
         "implementation",
         "samples/s",
@@ -462,6 +515,10 @@ def main(args: argparse.Namespace) -> list[str]:
         f"ratio saelab/sparsify: {med[1] / med[0]:.2f}x samples/s; saelab bf16-mixed/sparsify fp32: "
         f"{med[1] / med[2]:.2f}x ({steps} interleaved steps each after {warmup} warm-up; median)"
     )
+    if lens_version:
+        lines.append(
+            f"ratio saelab/SAELens {lens_version} (TopKTrainingSAE): {med[5] / med[0]:.2f}x samples/s"
+        )
     mem_a, mem_b, mem_c = mem
     if isinstance(mem_a, float) and isinstance(mem_b, float):
         lines.append(
