@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,30 @@ def test_density_histogram_refuses_an_empty_window_and_bad_bins():
 
 
 # ---------------------------------------------------------------------- offline W&B run files
-def wandb_records(run_dir: Path) -> list:
-    """The protobuf records of the one offline run under `run_dir/wandb`: the `.wandb` file is a LevelDB
-    log (32 KiB blocks of chunks with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST) after a
-    7-byte `:W&B` file header."""
+def wandb_records(run_dir: Path, wait: float = 60.0) -> list:
+    """The protobuf records of the one offline run under `run_dir/wandb`, once its `exit` record is written.
+
+    W&B's service process writes the file; now and then (a few runs in a hundred here) the file was not
+    there yet, or had not all its records, when `wandb.finish()` had returned, so this waits up to `wait`
+    seconds for the run's `exit` record."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        records = _read_records(found[0]) if len(found) == 1 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            assert len(found) == 1, f"expected one offline run file under {run_dir}/wandb, found {found}"
+            return records
+        time.sleep(0.2)
+
+
+def _read_records(path: Path) -> list:
+    """The records of a `.wandb` file: a LevelDB log (32 KiB blocks of chunks with a 7-byte header: crc32,
+    length, type FULL/FIRST/MIDDLE/LAST) after a 7-byte `:W&B` file header."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     data, block = path.read_bytes(), 32768
+    if len(data) < 7:
+        return []
     assert data[:4] == b":W&B"
     pos, parts, out = 7, b"", []
     while pos + 7 <= len(data):
@@ -66,6 +83,8 @@ def wandb_records(run_dir: Path) -> list:
             pos += block - pos % block
             continue
         _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + n > len(data):  # a chunk still being written
+            break
         chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 2):
             parts = chunk
