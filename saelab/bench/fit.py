@@ -109,14 +109,15 @@ def fit_seconds(cfg, batches: list[Tensor], steps: int) -> tuple[float, int]:
     """`Trainer.fit` wall time of the default fit over the same batches, and the dead latents it ended with."""
     from omegaconf import open_dict
 
-    from saelab.train import fit
+    from saelab.train import fit, wandb_scope
 
     run = Path(tempfile.mkdtemp(prefix="saelab-bench-fit-"))
     try:
         with open_dict(cfg):
             cfg.run_dir = str(run)
         res = fit(cfg, run, datamodule=InMemory(batches, steps))
-        return res.seconds, int(res.lit.dead_mask().sum())
+        with wandb_scope(res.logger):  # end the W&B run: a later logger in this process would reuse it
+            return res.seconds, int(res.lit.dead_mask().sum())
     finally:
         shutil.rmtree(run, ignore_errors=True)
 
