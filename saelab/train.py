@@ -314,18 +314,29 @@ def _remove_leftovers(run_dir: Path, stage: str, ckpt_dir: Path) -> None:
         _say(f"removed the temporary files a killed run left: {names}.")
 
 
-def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, sae=None) -> FitResult:
-    """Build (unless given) and train one SAE; checkpoints go to <run_dir>/checkpoints/<stage>/."""
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_dir = run_dir / "checkpoints" / stage
-    _remove_leftovers(run_dir, stage, ckpt_dir)
-    ckpt_path = resolve_resume(cfg, ckpt_dir)  # before anything is built: a refusal costs nothing
+def build_source(cfg: DictConfig, datamodule=None):
+    """The fit's activation source: `datamodule`, or one built from `cfg.data`; it must declare d_in."""
     dm = datamodule if datamodule is not None else instantiate(cfg.data)
     if getattr(dm, "d_in", None) is None:
         raise ValueError("the data source declares no d_in: set data.d_in to the activation width.")
-    sae = sae if sae is not None else instantiate(cfg.sae)
-    lit = build_lit(cfg, sae)
-    health.before_fit(lit)  # a schedule that cannot be built, an objective that cannot make the SAE sparse
+    return dm
+
+
+def run_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    stage: str,
+    lit: pl.LightningModule,
+    dm,
+    ckpt_path: str | None,
+    extra_callbacks: tuple[pl.Callback, ...] = (),
+    dashboards_on: bool = True,
+) -> tuple[pl.Trainer, Any, float]:
+    """Build the stage's Trainer (checkpoints in <run_dir>/checkpoints/<stage>/, the config and
+    `extra_callbacks` in them, a checkpoint on Ctrl-C, the step bar, the logger and, with
+    `dashboards_on`, the dashboards' callbacks), fit `lit` on `dm` from `ckpt_path`, and remove a step
+    checkpoint the fit superseded. Returns (trainer, logger, seconds of `Trainer.fit`)."""
+    ckpt_dir = run_dir / "checkpoints" / stage
     on_interrupt = CheckpointOnInterrupt(ckpt_dir / LAST, f"checkpoints/{stage}/{LAST}")
     callbacks = [
         # no version counter: one last.ckpt per stage (resolve_resume keeps other runs' checkpoints out)
@@ -337,11 +348,13 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
             enable_version_counter=False,
         ),
         ConfigInCheckpoint(plain(cfg)),
+        *extra_callbacks,
         on_interrupt,
         *progress_bar(stage, cfg.trainer.get("enable_progress_bar", True)),
     ]
     logger = make_logger(cfg, run_dir, stage, start=False)
-    callbacks += dashboards.fit_callbacks(cfg.get("dashboards") or {}, logger, run_dir / stage)  # density, lr
+    if dashboards_on:  # density histograms, the LR monitor
+        callbacks += dashboards.fit_callbacks(cfg.get("dashboards") or {}, logger, run_dir / stage)
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
@@ -356,6 +369,20 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
     seconds = time.perf_counter() - t0
     if trainer.is_global_zero:
         remove_superseded(ckpt_dir, cfg)  # a step checkpoint this fit resumed from, once a newer one exists
+    return trainer, logger, seconds
+
+
+def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, sae=None) -> FitResult:
+    """Build (unless given) and train one SAE; checkpoints go to <run_dir>/checkpoints/<stage>/."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = run_dir / "checkpoints" / stage
+    _remove_leftovers(run_dir, stage, ckpt_dir)
+    ckpt_path = resolve_resume(cfg, ckpt_dir)  # before anything is built: a refusal costs nothing
+    dm = build_source(cfg, datamodule)
+    sae = sae if sae is not None else instantiate(cfg.sae)
+    lit = build_lit(cfg, sae)
+    health.before_fit(lit)  # a schedule that cannot be built, an objective that cannot make the SAE sparse
+    trainer, logger, seconds = run_trainer(cfg, run_dir, stage, lit, dm, ckpt_path)
     health.after_fit(lit, dm, trainer)  # under lit.on_degenerate=stop a diverged SAE is never exported
     health.record(run_dir, stage, lit.health_warnings)
     return FitResult(lit, dm, trainer, logger, seconds)

@@ -27,7 +27,6 @@ artifacts of a single fit (both are keyed by the run).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from saelab import health
 from saelab.checkpoint import (
-    LAST,
-    AtomicCheckpointIO,
-    CheckpointOnInterrupt,
-    ConfigInCheckpoint,
     config_differences,
     is_rank_zero,
     read_checkpoint,
-    remove_superseded,
     remove_temporaries,
 )
 from saelab.checks import ConfigError, check_config
@@ -58,13 +52,12 @@ from saelab.report import Report, summary_table
 from saelab.stage import StageResult, check_export, evaluators, write_report
 from saelab.train import (
     build_lit,
+    build_source,
     log_summary,
-    make_logger,
     plain,
-    progress_bar,
     resolve_resume,
     run_dir_of,
-    start_run,
+    run_trainer,
     wandb_scope,
 )
 
@@ -251,44 +244,18 @@ def fit_many(
     ckpt_path = resolve_resume(base, ckpt_dir)  # before anything is built: a refusal costs nothing
     if ckpt_path is not None:
         _check_resumed_members(ckpt_path, members, strict=base.get("resume") == "auto")
-    dm = datamodule if datamodule is not None else instantiate(base.data)
-    if getattr(dm, "d_in", None) is None:
-        raise ValueError("the data source declares no d_in: set data.d_in to the activation width.")
+    dm = build_source(base, datamodule)
     lits = {}
     for name, c in members.items():
         sae = saes[name] if saes is not None else instantiate(c.sae)  # its seed, as its own fit builds it
         lits[name] = build_lit(c, sae)
         health.before_fit(lits[name])
     lit = LitMultiSAE(lits)
-    on_interrupt = CheckpointOnInterrupt(ckpt_dir / LAST, f"checkpoints/{stage}/{LAST}")
-    callbacks = [
-        pl.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir,
-            save_last=True,
-            save_top_k=1,
-            every_n_train_steps=base.checkpoint.every_n_steps,
-            enable_version_counter=False,
-        ),
-        ConfigInCheckpoint(plain(base)),
-        _MemberConfigsInCheckpoint({name: plain(c) for name, c in members.items()}),
-        on_interrupt,
-        *progress_bar(stage, base.trainer.get("enable_progress_bar", True)),
-    ]
-    logger = make_logger(base, run_dir, stage, start=False)
-    trainer = instantiate(
-        base.trainer,
-        default_root_dir=str(run_dir),
-        logger=logger if logger is not None else False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+    # no dashboards: the density heatmap and the LR monitor are keyed by the run (each SAE logs <name>/lr)
+    members_in_ckpt = _MemberConfigsInCheckpoint({name: plain(c) for name, c in members.items()})
+    trainer, logger, seconds = run_trainer(
+        base, run_dir, stage, lit, dm, ckpt_path, extra_callbacks=(members_in_ckpt,), dashboards_on=False
     )
-    start_run(logger, base)
-    t0 = time.perf_counter()
-    with on_interrupt.guard(trainer):
-        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
-    seconds = time.perf_counter() - t0
-    if trainer.is_global_zero:
-        remove_superseded(ckpt_dir, base)
     for name, member in lit.members.items():
         health.after_fit(member, dm, trainer)
         health.record(run_dir, name, member.health_warnings)
