@@ -372,8 +372,12 @@ class AutoInterp:
                 f"autointerp stopped after {done()} of {total} prompts: {e}; {kept}."
             ) from e
 
-    def _complete(self, client: ChatLM, prompts: list[Chat], max_tokens: int, desc: str) -> list[str]:
-        out: list[str] = []
+    def _batched(
+        self, call: Callable[[list[Chat]], list], client: Any, prompts: list[Chat], desc: str
+    ) -> list:
+        """`call` on `prompts` in batches of `batch_size` under a progress bar; a failed endpoint says how
+        far it got (`_answers_kept`)."""
+        out: list = []
         path = getattr(client, "path", None) or Path("cache.jsonl")
         with (
             self._answers_kept(path, lambda: len(out), len(prompts)),
@@ -381,22 +385,20 @@ class AutoInterp:
         ):
             for i in range(0, len(prompts), self.batch_size):
                 part = prompts[i : i + self.batch_size]
-                out += client.complete(part, max_tokens=max_tokens, temperature=self.temperature)
+                out += call(part)
                 bar.update(len(part))
         return out
 
+    def _complete(self, client: ChatLM, prompts: list[Chat], max_tokens: int, desc: str) -> list[str]:
+        return self._batched(
+            lambda part: client.complete(part, max_tokens=max_tokens, temperature=self.temperature),
+            client,
+            prompts,
+            desc,
+        )
+
     def _yes_probability(self, client: Any, prompts: list[Chat], desc: str) -> list[float]:
-        out: list[float] = []
-        path = getattr(client, "path", None) or Path("cache.jsonl")
-        with (
-            self._answers_kept(path, lambda: len(out), len(prompts)),
-            tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar,
-        ):
-            for i in range(0, len(prompts), self.batch_size):
-                part = prompts[i : i + self.batch_size]
-                out += client.yes_probability(part)
-                bar.update(len(part))
-        return out
+        return self._batched(client.yes_probability, client, prompts, desc)
 
     # ------------------------------------------------------------------ the evaluation
     def __call__(self, sae: SAELike, source: Any, out_dir: Path) -> EvalResult:
