@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from saelab.eval.base import batch_acts
-from saelab.lit import LitSAE
+from saelab.lit import LitSAE, log_scalars
 
 
 class MultiOptimizer:
@@ -108,21 +108,23 @@ class LitMultiSAE(pl.LightningModule):
         self.optimizers_by_name: dict[str, Optimizer] = {}
         self.schedulers: dict[str, Any] = {}  # {name: LR scheduler} for the members that have one
         self._scheduler_states: dict[str, Any] | None = None  # from a checkpoint, until training starts
+        self.bar_metrics: dict[str, Tensor] = {}  # each SAE's loss, for the progress bar
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x = batch_acts(batch)
         step = self.global_step
         total: Tensor | None = None
+        scalars: dict[str, Tensor | float] = {}
         for name, lit in self.members.items():
             loss, logs = lit.train_step(x, step)
             total = loss if total is None else total + loss  # d total / d loss = 1 for every member
             if step % lit.log_every == 0:
                 # the rate this step's update uses (the schedule moves it after the update)
                 lr = float(self.optimizers_by_name[name].param_groups[0]["lr"])
-                named = {f"{name}/{k}": v for k, v in logs.items()}
-                self.log_dict({**named, f"{name}/lr": lr}, batch_size=x.shape[0])
-            self.log(f"{name}/loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=x.shape[0])
+                scalars |= {f"{name}/{k}": v for k, v in logs.items()} | {f"{name}/lr": lr}
+            self.bar_metrics[f"{name}/loss"] = logs["loss/total"]
+        log_scalars(self, scalars, step)
         assert total is not None
         return total
 

@@ -58,12 +58,17 @@ class StepProgressBar(RichProgressBar):
 
     Lightning's own bar counts the batches of an epoch: with `max_steps` and no `max_epochs` it reads
     "Epoch 0/-2", and it starts again at every epoch of a finite source. Validation gets no bar of its own
-    (it is a few batches between steps), and the W&B run id (`v_num`) is left out of the metrics.
+    (it is a few batches between steps), the W&B run id (`v_num`) is left out of the metrics, the module's
+    `bar_metrics` (the training loss) are shown, and the bar is redrawn at most every `REDRAW_SECONDS`.
     """
+
+    # a rich redraw costs about a millisecond, as much as a whole step of a small SAE: redraw at most this often
+    REDRAW_SECONDS = 0.2
 
     def __init__(self, stage: str) -> None:
         super().__init__()
         self.stage = stage
+        self._drawn_at = -float("inf")
 
     def configure_columns(self, trainer: pl.Trainer) -> list:
         description, bar, count, *rest = super().configure_columns(trainer)
@@ -80,11 +85,23 @@ class StepProgressBar(RichProgressBar):
         self.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.is_disabled and self.train_progress_bar_id is None:
+        if self.is_disabled:
+            return
+        if self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
+        now = time.monotonic()
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if now - self._drawn_at < self.REDRAW_SECONDS and not final:
+            return
+        self._drawn_at = now
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.train_progress_bar_id is not None:  # the last steps of an epoch may not have been drawn
+            self._update(self.train_progress_bar_id, trainer.global_step)
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -95,6 +112,8 @@ class StepProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        # the training loss is not logged through Lightning (saelab.lit.log_scalars): the module holds it
+        items.update({k: float(v) for k, v in getattr(pl_module, "bar_metrics", {}).items()})
         return items
 
 
@@ -372,8 +391,16 @@ def run_trainer(
     return trainer, logger, seconds
 
 
-def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, sae=None) -> FitResult:
-    """Build (unless given) and train one SAE; checkpoints go to <run_dir>/checkpoints/<stage>/."""
+def fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    stage: str = "train",
+    datamodule=None,
+    sae=None,
+    callbacks: tuple[pl.Callback, ...] = (),
+) -> FitResult:
+    """Build (unless given) and train one SAE; checkpoints go to <run_dir>/checkpoints/<stage>/.
+    `callbacks` join the fit's own."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = run_dir / "checkpoints" / stage
     _remove_leftovers(run_dir, stage, ckpt_dir)
@@ -382,7 +409,7 @@ def fit(cfg: DictConfig, run_dir: Path, stage: str = "train", datamodule=None, s
     sae = sae if sae is not None else instantiate(cfg.sae)
     lit = build_lit(cfg, sae)
     health.before_fit(lit)  # a schedule that cannot be built, an objective that cannot make the SAE sparse
-    trainer, logger, seconds = run_trainer(cfg, run_dir, stage, lit, dm, ckpt_path)
+    trainer, logger, seconds = run_trainer(cfg, run_dir, stage, lit, dm, ckpt_path, callbacks)
     health.after_fit(lit, dm, trainer)  # under lit.on_degenerate=stop a diverged SAE is never exported
     health.record(run_dir, stage, lit.health_warnings)
     return FitResult(lit, dm, trainer, logger, seconds)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -34,6 +36,32 @@ def test_fit_shows_one_bar_of_steps_out_of_max_steps(tmp_path, capsys):
     out = capsys.readouterr().out
     # Lightning's own bar counts an epoch's batches and reads "Epoch 0/-2" when only max_steps is set
     assert "general step 12/12" in out and "Epoch" not in out and "Validation" not in out
+    assert re.search(r"loss: \d+\.\d+", out)  # the module's bar_metrics, drawn at the last step
+
+
+def test_training_scalars_are_logged_at_the_step_that_computed_them(tmp_path):
+    """`log_scalars` sends a step's scalars to the logger under that step (0, log_every, 2·log_every, …),
+    with the loss the step returned; the LR monitor and validation still log through Lightning."""
+    losses: dict[int, float] = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses[trainer.global_step - 1] = float(outputs["loss"])
+
+    cfg = compose_cfg([*SMALL, "logger=csv", "trainer.max_steps=25", "lit.log_every=10"])
+    fit(cfg, tmp_path, callbacks=(Record(),))
+    (path,) = tmp_path.glob("csv/**/metrics.csv")
+    rows = [{k: v for k, v in r.items() if v} for r in csv.DictReader(path.open())]
+    train = {int(r["step"]): float(r["loss/total"]) for r in rows if "loss/total" in r}
+    assert sorted(train) == [0, 10, 20]
+    for step, loss in train.items():
+        assert loss == pytest.approx(losses[step], rel=1e-6)
+    assert all(
+        {"metrics/l0", "metrics/explained_variance", "sparsity/dead_frac"} <= set(r)
+        for r in rows
+        if "loss/total" in r
+    )
+    assert any("lr-Adam" in r for r in rows) and any("val/explained_variance" in r for r in rows)
 
 
 class _Host(pl.LightningModule):
