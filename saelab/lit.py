@@ -72,12 +72,11 @@ def log_scalars(module: pl.LightningModule, logs: Mapping[str, Tensor | float], 
     Training scalars need nothing it adds (epoch reduction, cross-rank sync); as `self.log` without
     `sync_dist` does, this logs rank 0's values. Validation still goes through `self.log`.
     """
-    trainer = module._trainer
-    if trainer is None or not trainer.loggers or trainer.global_rank != 0 or not logs:
+    if not logs or not module.loggers or module.global_rank != 0:  # no loggers: not attached to a trainer
         return
     flat = [torch.as_tensor(v).detach().reshape(()).float().cpu() for v in logs.values()]
     values = dict(zip(logs, torch.stack(flat).tolist()))
-    for logger in trainer.loggers:
+    for logger in module.loggers:
         logger.log_metrics(values, step=step)
 
 
