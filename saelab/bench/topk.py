@@ -10,13 +10,19 @@ Steps are timed interleaved (saelab, sparsify, saelab, …) after a warm-up, so 
 processes hits both alike; the median step time gives samples/s. sparsify's `forward` turns on bf16
 autocast on CUDA; it is called undecorated here so both run in fp32 as specified.
 
+Where `saelab.kernels.screen_applies` says so (a fast-bf16 CPU and an encoder of ≥ 4 Mi weights, as at the
+default size), the "saelab" row is the default screened step: the fp32 top-k is found from a bf16 product and
+certified row by row (`screened_topk`), so its selection, values and gradients are the fp32 ones; "saelab
+unscreened" is the same step with the plain fp32 product, and the run reports how many rows fell back.
+
 A third row, "saelab bf16-mixed", is the saelab step under `torch.autocast(device, bfloat16)` (what
 `trainer.precision=bf16-mixed` does): the encoder product and the top-k in bf16, decoder, loss and Adam in
 fp32 (see `saelab.sae.model`), reported against sparsify fp32. The roofline times a plain x @ W of the
 encoder's shapes ([batch, d_in] @ [d_in, d_sae]) in fp32 and bf16, interleaved with the steps, and sets
 the step's FLOPs against that rate: the encoder product 2·batch·d_in·d_sae, ×3 with a dense backward,
 plus the sparse decoder's 2·batch·k·d_in ×3. saelab's and sparsify's encoder backward are sparse, so the
-one dense product a step cannot avoid is the encoder forward: "step ÷ x@W" says how far a step is from it.
+one dense product a step cannot avoid is the encoder forward: "step ÷ x@W" says how far a step is from it
+(the screened step does that product in bf16, so it can go below 1).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.bench import SectionUnavailable
+from saelab.kernels import ScreenStats, screen_applies
 from saelab.objectives import Objective
 from saelab.objectives.terms import FVU
 from saelab.sae import SAE
@@ -94,12 +101,13 @@ class SaelabRunner:
         dead_mask: Tensor | None = None,
         dtype: str = "float32",
         bf16_mixed: bool = False,
+        screen: bool | None = None,
     ) -> None:
         self.bf16_mixed = bf16_mixed  # the step under bf16 autocast, as trainer.precision=bf16-mixed runs it
         self.device_type = torch.device(device).type
         if bf16_mixed:
             self.name = "saelab bf16-mixed"
-        act = activation if activation is not None else TopK(size.k)
+        act = activation if activation is not None else TopK(size.k, screen=screen)
         self.sae = SAE(size.d_in, size.d_sae, act, b_dec_init="zeros", seed=seed, dtype=dtype).to(device)
         self.objective = objective if objective is not None else Objective({"fvu": FVU()})
         self.dead_mask = dead_mask.to(device) if dead_mask is not None else None
@@ -430,6 +438,29 @@ def bf16_parity(device: str) -> dict[str, float]:
         }
 
 
+def batches_probe(size: Size, device: str) -> Tensor:
+    """A one-row input on `device` (what `screen_applies` reads: the device and autocast state)."""
+    return torch.zeros(1, size.d_in, device=device)
+
+
+@torch.no_grad()
+def screen_parity(sae: SAE, x: Tensor) -> dict[str, float]:
+    """The screened SAE against the same weights unscreened on one batch: the share of rows with the same
+    top-k and the largest |Δx̂|."""
+    act = sae.activation
+    if not isinstance(act, TopK):
+        raise TypeError(f"screen_parity needs a TopK SAE, got {type(act).__name__}")
+    screen = act.screen
+    try:
+        a = sae(x)
+        act.screen = False
+        b = sae(x)
+    finally:
+        act.screen = screen
+    same = (a.sparse.cols.view(x.shape[0], -1) == b.sparse.cols.view(x.shape[0], -1)).all(-1)
+    return {"same": float(same.float().mean()), "x_hat": float((a.x_hat - b.x_hat).abs().max())}
+
+
 def _rate(flops: float, seconds: float) -> str:
     """FLOP/s in the unit that keeps it readable (GFLOP/s, or TFLOP/s from 10 TFLOP/s)."""
     r = flops / seconds
@@ -467,40 +498,51 @@ def main(args: argparse.Namespace) -> list[str]:
     )
 
     a = SaelabRunner(size, device, seed=0)
-    b = SparsifyRunner(size, device, init=a.sae)
-    c = SaelabRunner(size, device, seed=0, bf16_mixed=True)
-    mm = [MatmulRunner(size, device, dt) for dt in (torch.float32, torch.bfloat16)]
+    screened = screen_applies(None, batches_probe(size, device), a.sae.W_enc, size.k)
+    runners = {
+        "saelab": a,
+        "sparsify": SparsifyRunner(size, device, init=a.sae),
+        "saelab bf16-mixed": SaelabRunner(size, device, seed=0, bf16_mixed=True),
+        "x @ W fp32": MatmulRunner(size, device, torch.float32),
+        "x @ W bf16": MatmulRunner(size, device, torch.bfloat16),
+    }
+    if screened:  # the same fp32 step with the plain fp32 product and top-k, for comparison
+        runners["saelab unscreened"] = SaelabRunner(size, device, seed=0, screen=False)
     lens_version = _saelens_version()  # the `interop` extra installs it
-    lens = [SAELensRunner(size, device, init=a.sae)] if lens_version else []
+    if lens_version:
+        runners["SAELens"] = SAELensRunner(size, device, init=a.sae)
     batches = make_batches(size, 4, device, seed=0)
-    times = time_interleaved([a, b, c, *mm, *lens], batches, warmup, steps, device)
-    del a, b, c, mm, lens, batches
-    med = [statistics.median(t) for t in times]
+    ScreenStats.reset()
+    times = dict(
+        zip(runners, time_interleaved(list(runners.values()), batches, warmup, steps, device), strict=True)
+    )
+    fallback = ScreenStats.fallback / max(ScreenStats.rows, 1)
+    if screened:
+        sc = screen_parity(a.sae, batches[0])
+    del a, runners, batches
+    med = {key: statistics.median(t) for key, t in times.items()}
     names = ("saelab", "sparsify", "saelab bf16-mixed")
     if getattr(args, "memory", True):
-        mem = [peak_step_memory(name, size, device) for name in names]
+        mem = {name: peak_step_memory(name, size, device) for name in names}
     else:
-        mem = ["skipped"] * len(names)
+        mem = dict.fromkeys(names, "skipped")
 
+    labels = {
+        "saelab": "saelab" + (" (screened)" if screened else ""),
+        "sparsify": f"sparsify {version}",
+        "saelab bf16-mixed": "saelab bf16-mixed",
+        "saelab unscreened": "saelab unscreened",
+        "SAELens": f"SAELens {lens_version}",
+    }
     rows = []
-    labels = ("saelab", f"sparsify {version}", "saelab bf16-mixed")
-    for name, t, m, mem_m in zip(labels, times, med, mem, strict=False):
+    base = med["sparsify"]
+    for key, label in labels.items():
+        if key not in med:
+            continue
+        m, mem_m = med[key], mem.get(key, "not measured")
         mem_s = f"{mem_m:.0f}" if isinstance(mem_m, float) else str(mem_m)
         rows.append(
-            [
-                name,
-                f"{size.batch / m:,.0f}",
-                f"{med[1] / m:.2f}x",
-                f"{m * 1e3:.1f}",
-                f"{min(t) * 1e3:.1f}",
-                mem_s,
-            ]
-        )
-    if lens_version:
-        m = med[5]
-        rows.append(
-            [f"SAELens {lens_version}", f"{size.batch / m:,.0f}", f"{med[1] / m:.2f}x", f"{m * 1e3:.1f}",
-             f"{min(times[5]) * 1e3:.1f}", "not measured"]
+            [label, f"{size.batch / m:,.0f}", f"{base / m:.2f}x", f"{m * 1e3:.1f}", f"{min(times[key]) * 1e3:.1f}", mem_s]
         )  # fmt: skip
     headers = [
         "implementation",
@@ -512,14 +554,21 @@ def main(args: argparse.Namespace) -> list[str]:
     ]
     lines += ["", *_table(headers, rows), ""]
     lines.append(
-        f"ratio saelab/sparsify: {med[1] / med[0]:.2f}x samples/s; saelab bf16-mixed/sparsify fp32: "
-        f"{med[1] / med[2]:.2f}x ({steps} interleaved steps each after {warmup} warm-up; median)"
+        f"ratio saelab/sparsify: {base / med['saelab']:.2f}x samples/s; saelab bf16-mixed/sparsify fp32: "
+        f"{base / med['saelab bf16-mixed']:.2f}x ({steps} interleaved steps each after {warmup} warm-up; median)"
     )
     if lens_version:
         lines.append(
-            f"ratio saelab/SAELens {lens_version} (TopKTrainingSAE): {med[5] / med[0]:.2f}x samples/s"
+            f"ratio saelab/SAELens {lens_version} (TopKTrainingSAE): {med['SAELens'] / med['saelab']:.2f}x samples/s"
         )
-    mem_a, mem_b, mem_c = mem
+    if screened:
+        lines.append(
+            f"screened: the fp32 top-k found from a bf16 product, certified row by row "
+            f"(saelab.kernels.screened_topk); {fallback:.2%} of rows fell back to the fp32 product during "
+            f"the timed steps; against the unscreened step on one batch: the same top-k in {sc['same']:.2%} "
+            f"of rows, max |Δx̂| = {sc['x_hat']:.1e}. Unscreened: {base / med['saelab unscreened']:.2f}x sparsify"
+        )
+    mem_a, mem_b, mem_c = (mem[n] for n in names)
     if isinstance(mem_a, float) and isinstance(mem_b, float):
         lines.append(
             f"peak step memory saelab/sparsify: {mem_a / mem_b:.2f}x"
@@ -537,7 +586,7 @@ def main(args: argparse.Namespace) -> list[str]:
 
     # roofline: the step's FLOPs against a plain x @ W of the encoder's shapes, timed among the steps
     fl = step_flops(size)
-    t32, t16 = med[3], med[4]
+    t32, t16 = med["x @ W fp32"], med["x @ W bf16"]
     lines += [
         "",
         f"roofline: x @ W, [{size.batch}, {size.d_in}] @ [{size.d_in}, {size.d_sae}]: fp32 {t32 * 1e3:.1f} ms "
@@ -548,7 +597,15 @@ def main(args: argparse.Namespace) -> list[str]:
         f"= {fl['total'] / 1e9:.2f} GFLOP",
     ]
     roof = []
-    for name, m, t_mm in zip(labels, med, (t32, t32, t16), strict=False):
+    for key, t_mm in (
+        ("saelab", t32),
+        ("saelab unscreened", t32),
+        ("sparsify", t32),
+        ("saelab bf16-mixed", t16),
+    ):
+        if key not in med:
+            continue
+        name, m = labels[key], med[key]
         rate = fl["total"] / m
         roof.append(
             [
@@ -564,7 +621,8 @@ def main(args: argparse.Namespace) -> list[str]:
             ["implementation", "step FLOPs / step time", "of its dtype's x @ W rate", "step ÷ x @ W"], roof
         ),
         "(the dense count assumes a dense encoder backward; saelab's and sparsify's are sparse, so a step can "
-        "pass 100%. The encoder forward is the one dense product a step must do: step ÷ x @ W ≥ 1)",
+        "pass 100%. The encoder forward is the one dense product a step must do: step ÷ x @ W ≥ 1 for a step that "
+        "does it in its own dtype; the screened step does it in bf16)",
     ]
     if device.startswith("cpu") and hasattr(os, "getloadavg"):
         lines.append(

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from saelab.kernels import LOW_PRECISION, no_autocast, sparse_decode, topk_indices
+from saelab.kernels import LOW_PRECISION, fast_bf16, no_autocast, sparse_decode, topk_indices
 from saelab.types import SAELike, SAEOutput, TrainState
 
 
@@ -184,18 +184,6 @@ class AuxK(Term):
 # from fp32 accumulation. So the true argmax j* has G(j*) ≥ c* − 3u ≥ max_j G(j) − 6u; 8u leaves slack.
 _BF16_MARGIN = 2.0**-5
 _GRAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products are much faster than fp32 here (CUDA with bf16, AMX or AVX512-BF16 CPUs)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return any(
-            getattr(torch.cpu, f, lambda: False)()
-            for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        )
-    return False
 
 
 @contextlib.contextmanager

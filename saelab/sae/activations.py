@@ -35,15 +35,24 @@ class TopK(nn.Module):
 
     Every row has exactly k selected entries; entries whose value is ≤ 0 are kept in the selection
     with value 0 after ReLU, so the L0 of a row can be below k but never above.
+
+    `screen` (fp32 SAEs only): find the fp32 top-k from a bf16 product of the encoder, certified exact row
+    by row (`saelab.kernels.screened_topk`; rows it cannot certify are recomputed in fp32). The selection
+    is the fp32 one; the step is faster where bf16 products are. None (auto) screens on CPUs with fast bf16
+    products and encoders of at least 4 Mi weights; True always (where the weights are fp32 and autocast
+    is off); False never. The SAE's `pre_acts` is then the bf16 product.
     """
 
     sparse = True
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, screen: bool | None = None) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"TopK needs k >= 1, got k={k}.")
+        if screen not in (None, True, False):
+            raise ValueError(f"TopK screen must be true, false or null (auto), got {screen!r}.")
         self.k = k
+        self.screen = screen
 
     @torch.no_grad()
     def select(self, pre: Float[Tensor, "batch d_sae"]) -> tuple[Int[Tensor, " nnz"], Int[Tensor, " nnz"]]:

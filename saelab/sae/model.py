@@ -29,7 +29,14 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from saelab.files import CorruptFile, load_safetensors, read_json
-from saelab.kernels import SparseLayout, autocast_on, no_autocast, sparse_decode, sparse_encode
+from saelab.kernels import (
+    SparseLayout,
+    autocast_on,
+    no_autocast,
+    screen_applies,
+    sparse_decode,
+    sparse_encode,
+)
 from saelab.types import SAEOutput, SparseCodes
 
 _DTYPES = {
@@ -162,7 +169,11 @@ class SAE(nn.Module):
         # b_dec goes in separately so the backward can form its gradient as −W_enc·colsum(∂L/∂π)
         # instead of a [batch, d_in] product (see kernels.SparseEncode)
         b_dec = self.b_dec if self.apply_b_dec_to_input else None
-        return sparse_encode(x, b_dec, self.W_enc, self.b_enc, self.activation.select)
+        act = self.activation
+        screen = getattr(act, "screen", False)  # a per-row TopK's setting; other selections are not screened
+        k = getattr(act, "k", 0)
+        screen_k = k if screen is not False and screen_applies(screen, x, self.W_enc, k) else None
+        return sparse_encode(x, b_dec, self.W_enc, self.b_enc, act.select, screen_k=screen_k)
 
     # ------------------------------------------------------------------ constraints and init
     @torch.no_grad()
