@@ -66,7 +66,7 @@ def topk_indices(v: Float[Tensor, "rows n"], k: int) -> Int[Tensor, "rows k"]:
     """
     n = v.shape[-1]
     c = min(n, k + k // 4 + 8)
-    vals, idx = v.topk(c, dim=-1, sorted=False)  # (rows, c)
+    vals, idx = top_candidates(v, c)  # (rows, c)
     idx, order = idx.sort(dim=-1)
     vals = vals.gather(-1, order)
     pick = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :k]  # (rows, k)
@@ -77,6 +77,35 @@ def topk_indices(v: Float[Tensor, "rows n"], k: int) -> Int[Tensor, "rows k"]:
         if bool(spill.any()):
             out[spill] = _topk_exact(v[spill], k, kth[spill])
     return out.sort(dim=-1).values
+
+
+STRIPE = 8  # entries per stripe in `top_candidates`
+
+
+def top_candidates(
+    v: Float[Tensor, "rows n"], c: int
+) -> tuple[Float[Tensor, "rows c"], Int[Tensor, "rows c"]]:
+    """The c largest entries of each row and their column indices, unordered: what `v.topk(c, sorted=False)`
+    returns (the same values; which of several entries equal to the c-th value is taken is unspecified in
+    both), faster on wide rows.
+
+    Each row is cut into n/8 stripes of 8 entries, stripe j holding columns j, j + n/8, j + 2n/8, …; the
+    stripe maxima are one elementwise max over 8 contiguous slices. Only the c stripes with the largest
+    maxima can hold a top-c entry: if τ is the c-th largest stripe maximum, the c chosen stripes hold c
+    distinct entries ≥ τ, so every entry of the top c is ≥ τ, every entry > τ lies in a chosen stripe, and
+    the chosen stripes hold enough entries equal to τ. So the top c of those c·8 entries are the row's top c.
+    The c largest stripe maxima are found the same way (recursively). Rows too narrow for this to gain
+    (n < 4·c·8, or n not a multiple of 8) use `torch.topk` directly.
+    """
+    n = v.shape[-1]
+    if n % STRIPE or n < 4 * c * STRIPE:
+        return v.topk(c, dim=-1, sorted=False)
+    rows, w = v.shape[0], n // STRIPE
+    peaks = v.view(rows, STRIPE, w).amax(dim=1)  # (rows, w): stripe maxima
+    stripes = top_candidates(peaks, c)[1]  # (rows, c)
+    cols = (stripes.unsqueeze(-1) + w * torch.arange(STRIPE, device=v.device)).view(rows, c * STRIPE)
+    vals, at = v.gather(1, cols).topk(c, dim=-1, sorted=False)
+    return vals, cols.gather(1, at)
 
 
 def _topk_exact(v: Tensor, k: int, kth: Tensor) -> Tensor:
@@ -399,7 +428,7 @@ def screened_topk(
     batch, d_in = x_in.shape
     c = screen_candidates(k)
     pre = torch.addmm(b.to(torch.bfloat16), x_in.to(torch.bfloat16), W.to(torch.bfloat16))  # (batch, d_sae)
-    cv, ci = pre.topk(c + 1, dim=-1, sorted=False)  # (batch, c + 1)
+    cv, ci = top_candidates(pre, c + 1)  # (batch, c + 1)
     m, drop = cv.float().min(dim=-1, keepdim=True)  # (batch, 1): every non-candidate has π̃ ≤ m
     keep = torch.ones_like(ci, dtype=torch.bool).scatter_(1, drop, False)
     cand = ci[keep].view(batch, c).sort(dim=-1).values  # (batch, c) ascending

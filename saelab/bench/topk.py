@@ -48,7 +48,7 @@ from saelab.sae import SAE
 from saelab.sae.activations import TopK
 from saelab.types import TrainState
 
-LR = 1e-3  # conf/optim/adam.yaml
+LR = 1e-3  # saelab's Adam is fused, as conf/optim/adam.yaml sets it; the peers use their own defaults
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class SaelabRunner:
         self.sae = SAE(size.d_in, size.d_sae, act, b_dec_init="zeros", seed=seed, dtype=dtype).to(device)
         self.objective = objective if objective is not None else Objective({"fvu": FVU()})
         self.dead_mask = dead_mask.to(device) if dead_mask is not None else None
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, fused=True)  # as conf/optim/adam.yaml
         self.n_steps = 0
 
     def loss(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from saelab.kernels import LOW_PRECISION, topk_indices
+from saelab.kernels import LOW_PRECISION, top_candidates, topk_indices
 
 
 class ReLU(nn.Module):
@@ -62,7 +62,7 @@ class TopK(nn.Module):
         if pre.dtype in LOW_PRECISION:
             cols = topk_indices(pre, self.k)  # (batch, k) ascending; ties to the lowest latent
         else:
-            cols = pre.topk(self.k, dim=-1, sorted=False).indices  # (batch, k)
+            cols = top_candidates(pre, self.k)[1]  # (batch, k), what torch.topk selects
         rows = torch.arange(batch, device=pre.device).repeat_interleave(self.k)
         return rows, cols.reshape(-1)
 

@@ -15,6 +15,8 @@ from saelab.kernels import (
     screen_applies,
     screen_candidates,
     screened_topk,
+    top_candidates,
+    topk_indices,
 )
 from saelab.sae import SAE
 from saelab.sae.activations import TopK
@@ -150,3 +152,35 @@ def test_bf16_mixed_is_not_screened():
 def test_topk_rejects_a_screen_that_is_not_a_switch():
     with pytest.raises(ValueError, match="screen must be true, false or null"):
         TopK(4, screen="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("n", "c"), [(8192, 48), (16384, 105), (4096, 20), (1000, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_candidates_are_the_rows_largest_entries(n, c, dtype):
+    """Against torch.topk: the same multiset of values per row (ties at the c-th value make which entry is
+    taken unspecified in both), and each index points at its value. Coarse values make ties common."""
+    g = torch.Generator().manual_seed(n + c)
+    v = (torch.randn(64, n, generator=g) * 4).round().to(dtype)
+    v[3] = 1.0  # a row of equal values
+    v[5, ::3] = 100.0  # more maxima than c
+    vals, idx = top_candidates(v, c)
+    want = v.topk(c, dim=-1).values
+    assert torch.equal(vals.float().sort(-1).values, want.float().sort(-1).values)
+    assert torch.equal(v.gather(1, idx), vals)
+    assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all())  # distinct columns
+
+
+def test_topk_indices_on_wide_rows_keeps_lowest_index_ties():
+    """`topk_indices` over rows wide enough for the striped candidates: still the lowest-indexed of equal
+    values, exactly k per row (against a stable sort in float64)."""
+    g = torch.Generator().manual_seed(11)
+    cases = [
+        torch.randn(32, 8192, generator=g).to(torch.bfloat16),
+        (torch.randn(16, 16384, generator=g) * 2)
+        .round()
+        .to(torch.bfloat16),  # tie groups past the candidates
+    ]
+    for v in cases:
+        for k in (1, 8, 32):
+            want = torch.sort(v.double(), dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+            assert torch.equal(topk_indices(v, k), want)
