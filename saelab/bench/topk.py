@@ -44,6 +44,7 @@ from saelab.bench import SectionUnavailable
 from saelab.kernels import ScreenStats, screen_applies
 from saelab.objectives import Objective
 from saelab.objectives.terms import FVU
+from saelab.optim import Adam
 from saelab.sae import SAE
 from saelab.sae.activations import TopK
 from saelab.types import TrainState
@@ -111,7 +112,7 @@ class SaelabRunner:
         self.sae = SAE(size.d_in, size.d_sae, act, b_dec_init="zeros", seed=seed, dtype=dtype).to(device)
         self.objective = objective if objective is not None else Objective({"fvu": FVU()})
         self.dead_mask = dead_mask.to(device) if dead_mask is not None else None
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, fused=True)  # as conf/optim/adam.yaml
+        self.opt = Adam(self.sae.parameters(), lr=LR, fused=True)  # as conf/optim/adam.yaml
         self.n_steps = 0
 
     def loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
