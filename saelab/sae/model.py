@@ -186,8 +186,10 @@ class SAE(nn.Module):
         """Project out of ∂L/∂W_dec[j] its component along W_dec[j], so the unit-norm step is a rotation."""
         if not self.normalize_decoder or self.W_dec.grad is None:
             return
-        W = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        self.W_dec.grad.sub_((self.W_dec.grad * W).sum(1, keepdim=True) * W)
+        W, grad = self.W_dec, self.W_dec.grad
+        # g_j ← g_j − (⟨g_j, w_j⟩ / ‖w_j‖²) w_j, in three passes over W_dec and no [d_sae, d_in] temporaries
+        coeff = torch.einsum("ij,ij->i", grad, W) / W.norm(dim=1).clamp_min(1e-8).square()
+        grad.addcmul_(W, coeff.unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
     def init_b_dec(self, x: Float[Tensor, "n d_in"]) -> None:

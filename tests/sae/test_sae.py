@@ -102,6 +102,19 @@ def test_init_and_decoder_constraints():
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(20), atol=1e-6)
 
 
+def test_parallel_gradient_removal_is_the_projection_on_rows_of_any_norm():
+    sae = SAE(6, 20, ReLU(), seed=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(20, 1, generator=g) * 3 + 0.2)  # rows off unit norm
+    grad = torch.randn(20, 6, generator=g)
+    sae.W_dec.grad = grad.clone()
+    sae.remove_parallel_decoder_grad()
+    W, G = sae.W_dec.detach().double(), grad.double()
+    want = G - (G * W).sum(1, keepdim=True) / (W * W).sum(1, keepdim=True) * W  # g − ⟨g, w⟩ w / ‖w‖²
+    torch.testing.assert_close(sae.W_dec.grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_shape_and_argument_errors():
     sae = SAE(8, 16, TopK(2))
     with pytest.raises(ValueError, match="d_in=8"):
