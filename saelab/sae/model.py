@@ -187,8 +187,8 @@ class SAE(nn.Module):
         if not self.normalize_decoder or self.W_dec.grad is None:
             return
         W, grad = self.W_dec, self.W_dec.grad
-        # g_j ← g_j − (⟨g_j, w_j⟩ / ‖w_j‖²) w_j, in three passes over W_dec and no [d_sae, d_in] temporaries
-        coeff = torch.einsum("ij,ij->i", grad, W) / W.norm(dim=1).clamp_min(1e-8).square()
+        # g_j ← g_j − (⟨g_j, w_j⟩ / ‖w_j‖²) w_j: row dots, row norms and one in-place update
+        coeff = torch.linalg.vecdot(grad, W, dim=1) / W.norm(dim=1).clamp_min(1e-8).square()
         grad.addcmul_(W, coeff.unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
