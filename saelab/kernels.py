@@ -95,10 +95,10 @@ def top_candidates(
     distinct entries ≥ τ, so every entry of the top c is ≥ τ, every entry > τ lies in a chosen stripe, and
     the chosen stripes hold enough entries equal to τ. So the top c of those c·8 entries are the row's top c.
     The c largest stripe maxima are found the same way (recursively). Rows too narrow for this to gain
-    (n < 4·c·8, or n not a multiple of 8) use `torch.topk` directly.
+    (n < 4·c·8, or n not a multiple of 8) and tensors off the CPU (where it was measured) use `torch.topk`.
     """
     n = v.shape[-1]
-    if n % STRIPE or n < 4 * c * STRIPE:
+    if v.device.type != "cpu" or n % STRIPE or n < 4 * c * STRIPE:
         return v.topk(c, dim=-1, sorted=False)
     rows, w = v.shape[0], n // STRIPE
     peaks = v.view(rows, STRIPE, w).amax(dim=1)  # (rows, w): stripe maxima
