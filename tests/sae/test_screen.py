@@ -69,6 +69,25 @@ def test_rows_that_cannot_be_certified_are_recomputed_in_fp32():
     torch.testing.assert_close(vals, want_vals, rtol=0, atol=0)
 
 
+def test_a_wider_second_pass_certifies_rows_whose_near_ties_outnumber_the_candidates():
+    """60 near-duplicate latents stand far above the other 1940: with c = 3k + 8 = 20 candidates every row's
+    k-th and (c+1)-th values are near-equal, so no row certifies; the second pass (16c candidates) reaches
+    below the cluster, certifies every row, and none needs the full fp32 product."""
+    g = torch.Generator().manual_seed(9)
+    batch, d_in, d_sae, k = 24, 64, 2000, 4
+    w0 = torch.randn(d_in, 1, generator=g)
+    W = 0.05 * torch.randn(d_in, d_sae, generator=g)
+    W[:, :60] = w0 + 1e-3 * torch.randn(d_in, 60, generator=g)
+    x = w0.t() + 0.1 * torch.randn(batch, d_in, generator=g)
+    b = torch.zeros(d_sae)
+    ScreenStats.reset()
+    cols, vals, _ = screened_topk(x, W, b, k)
+    assert ScreenStats.retried == batch and ScreenStats.fallback == 0
+    want_cols, want_vals = _fp32_topk(x, W, b, k)
+    assert torch.equal(cols, want_cols)
+    torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-5)
+
+
 def test_a_non_finite_row_falls_back_instead_of_being_certified():
     x, W, b = _problem(16, 32, 400, seed=3)
     x[4, 7] = float("nan")
