@@ -218,8 +218,8 @@ class SparseEncode(torch.autograd.Function):
     """vals = ReLU(π[rows, cols]) with π = (x − b_dec) W_enc + b_enc evaluated (without graph) by the caller.
 
     Inputs: x, b_dec (or None when b_dec is not subtracted), W_enc, b_enc, then x_in = x − b_dec, the
-    selected entries π[rows, cols] in layout order and the layout (all three without gradient). Only `vals` is an output. The backward, with G = ∂L/∂π
-    (non-zero at the nnz coordinates only, ReLU-gated):
+    selected entries π[rows, cols] in layout order and the layout (all three without gradient). Only `vals`
+    is an output. The backward, with G = ∂L/∂π (non-zero at the nnz coordinates only, ReLU-gated):
         ∂L/∂W_enc = x_inᵀ G  (CSR product),  ∂L/∂b_enc = colsum(G),
         ∂L/∂x = G W_encᵀ (embedding-bag; only when x itself needs a gradient),
         ∂L/∂b_dec = −W_enc colsum(G)  (= −Σ_b ∂L/∂x_b, a mat-vec instead of a [batch, d_in] product).
@@ -352,8 +352,6 @@ def sparse_encode(
 # ---------------------------------------------------------------------------------------------- screening
 # bf16 unit roundoff (8 significant bits, round to nearest)
 _U = 2.0**-8
-# a row's top-k is screened from this many bf16 candidates; with Gaussian-like π (d_sae 16384, k 32) a margin
-# of 2k + 8 past the k-th leaves nearly every row certified (see `screened_topk`)
 SCREEN_MIN_WEIGHTS = 1 << 22  # `screen=None` (auto) screens SAEs with at least d_in·d_sae = 4 Mi weights
 
 
@@ -370,25 +368,27 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def screen_candidates(k: int) -> int:
-    """How many bf16 candidates a row's exact top-k is chosen from."""
+    """How many bf16 candidates a row's exact top-k is chosen from in the first pass: with Gaussian-like π
+    (d_sae 16384, k 32) a margin of 2k + 8 past the k-th leaves nearly every row certified."""
     return 3 * k + 8
 
 
-def screen_applies(screen: bool | None, x: Tensor, W_enc: Tensor, k: int) -> bool:
-    """Whether a TopK(k) selection over `x @ W_enc` is screened (`screened_topk`).
+def screen_applies(screen: bool | None, W_enc: Tensor, k: int) -> bool:
+    """Whether a TopK(k) selection over `x @ W_enc` is screened (`screened_topk`), on W_enc's device.
 
     Never under autocast (π is bf16 there by request) nor for non-fp32 weights, nor when the candidates
     would be most of a row. `screen=True` screens otherwise; `None` (auto) where bf16 products are fast on
     a CPU and the encoder has at least `SCREEN_MIN_WEIGHTS` weights (below that the product is too small a
     share of the step to gain); `False` never.
     """
-    if screen is False or W_enc.dtype != torch.float32 or autocast_on(x.device):
+    device = W_enc.device
+    if screen is False or W_enc.dtype != torch.float32 or autocast_on(device):
         return False
     if screen_candidates(k) + 1 >= W_enc.shape[1]:
         return False
     if screen:
         return True
-    return x.device.type == "cpu" and fast_bf16(x.device) and W_enc.numel() >= SCREEN_MIN_WEIGHTS
+    return device.type == "cpu" and fast_bf16(device) and W_enc.numel() >= SCREEN_MIN_WEIGHTS
 
 
 class ScreenStats:
@@ -459,9 +459,10 @@ def _certify(pre: Tensor, x_in: Tensor, W: Tensor, b: Tensor, k: int, c: int, sl
     m, drop = cv.float().min(dim=-1, keepdim=True)  # (rows, 1): every non-candidate has π̃ ≤ m
     keep = torch.ones_like(ci, dtype=torch.bool).scatter_(1, drop, False)
     cand = ci[keep].view(rows, c).sort(dim=-1).values  # (rows, c) ascending
-    crow = torch.arange(0, rows * c + 1, c, device=x_in.device)
-    pattern = _csr(crow, cand.reshape(-1), x_in.new_zeros(rows * c), (rows, W.shape[1]))
-    exact = torch.sparse.sampled_addmm(pattern, x_in, W, beta=0.0).values().view(rows, c) + b[cand]
+    at_cand = SparseLayout(
+        torch.arange(rows, device=pre.device).repeat_interleave(c), cand.reshape(-1), rows, W.shape[1]
+    )
+    exact = at_cand.sampled(x_in, W.t()).view(rows, c) + b[cand]
     top, at = exact.topk(k, dim=-1, sorted=False)  # (rows, k) fp32 π at the candidates
     ok = top.amin(dim=-1, keepdim=True) > m + 2.02 * _U * m.abs() + slack  # False for NaN
     at, order = at.sort(dim=-1)  # candidates are ascending, so their positions order the columns

@@ -439,11 +439,6 @@ def bf16_parity(device: str) -> dict[str, float]:
         }
 
 
-def batches_probe(size: Size, device: str) -> Tensor:
-    """A one-row input on `device` (what `screen_applies` reads: the device and autocast state)."""
-    return torch.zeros(1, size.d_in, device=device)
-
-
 @torch.no_grad()
 def screen_parity(sae: SAE, x: Tensor) -> dict[str, float]:
     """The screened SAE against the same weights unscreened on one batch: the share of rows with the same
@@ -499,7 +494,7 @@ def main(args: argparse.Namespace) -> list[str]:
     )
 
     a = SaelabRunner(size, device, seed=0)
-    screened = screen_applies(None, batches_probe(size, device), a.sae.W_enc, size.k)
+    screened = screen_applies(None, a.sae.W_enc, size.k)
     runners = {
         "saelab": a,
         "sparsify": SparsifyRunner(size, device, init=a.sae),

@@ -171,8 +171,8 @@ class SAE(nn.Module):
         b_dec = self.b_dec if self.apply_b_dec_to_input else None
         act = self.activation
         screen = getattr(act, "screen", False)  # a per-row TopK's setting; other selections are not screened
-        k = getattr(act, "k", 0)
-        screen_k = k if screen is not False and screen_applies(screen, x, self.W_enc, k) else None
+        k = int(getattr(act, "k", 0))
+        screen_k = k if screen_applies(screen, self.W_enc, k) else None
         return sparse_encode(x, b_dec, self.W_enc, self.b_enc, act.select, screen_k=screen_k)
 
     # ------------------------------------------------------------------ constraints and init

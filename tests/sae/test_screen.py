@@ -146,18 +146,15 @@ def test_screened_sae_trains_like_the_unscreened_one():
 
 def test_when_screening_applies():
     k = 8
-    x = torch.zeros(2, 64)
     small, large = torch.zeros(64, 1024), torch.zeros(64, SCREEN_MIN_WEIGHTS // 64)
-    assert not screen_applies(False, x, large, k)
-    assert screen_applies(True, x, small, k)
-    assert not screen_applies(None, x, small, k)  # auto: too small an encoder to gain
-    assert screen_applies(None, x, large, k) == fast_bf16(x.device)
-    assert not screen_applies(True, x.double(), large.double(), k)  # fp32 weights only
-    assert not screen_applies(
-        True, x, torch.zeros(64, screen_candidates(k)), k
-    )  # candidates would fill the row
+    assert not screen_applies(False, large, k)
+    assert screen_applies(True, small, k)
+    assert not screen_applies(None, small, k)  # auto: too small an encoder to gain
+    assert screen_applies(None, large, k) == fast_bf16(large.device)
+    assert not screen_applies(True, large.double(), k)  # fp32 weights only
+    assert not screen_applies(True, torch.zeros(64, screen_candidates(k)), k)  # candidates would fill the row
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not screen_applies(True, x, large, k)  # bf16-mixed selects on its bf16 π by request
+        assert not screen_applies(True, large, k)  # bf16-mixed selects on its bf16 π by request
 
 
 def test_bf16_mixed_is_not_screened():
