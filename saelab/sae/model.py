@@ -223,6 +223,11 @@ class SAE(nn.Module):
                     f"{source}: {name} has shape {tuple(sd[name].shape)}, this SAE has {tuple(getattr(self, name).shape)}; "
                     "match sae.d_sae and data.d_in to the checkpoint."
                 )
+            if not bool(torch.isfinite(sd[name]).all()):
+                raise ValueError(
+                    f"{source}: {name} holds NaN or infinite values; the file is damaged or came from a "
+                    "diverged run: export a checkpoint from before the divergence."
+                )
             getattr(self, name).data.copy_(sd[name])
         if "threshold" in sd and hasattr(self.activation, "threshold"):
             th = self.activation.threshold

@@ -221,6 +221,19 @@ def test_weights_lacking_a_tensor_name_the_file(tmp_path):
     assert str(w_file) in str(err.value)
 
 
+def test_weights_with_nan_are_refused_naming_the_file(tmp_path):
+    """A NaN weight would make its latent's pre-activations NaN; refused on load, before any training."""
+    path = _export(tmp_path)
+    _edit_cfg(path, metadata__saelab_weights_sha256=None)
+    w_file = path / "sae_weights.safetensors"
+    sd = load_file(w_file)
+    sd["W_enc"][3, 5] = float("nan")
+    save_file(sd, str(w_file))
+    with pytest.raises(ValueError, match="W_enc holds NaN or infinite values") as err:
+        SAE(16, 64, TopK(4)).load_weights(path)
+    assert str(w_file) in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -171,19 +171,36 @@ def test_topk_rejects_a_screen_that_is_not_a_switch():
 
 
 @pytest.mark.parametrize(("n", "c"), [(8192, 48), (16384, 105), (4096, 20), (1000, 12)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_top_candidates_are_the_rows_largest_entries(n, c, dtype):
     """Against torch.topk: the same multiset of values per row (ties at the c-th value make which entry is
-    taken unspecified in both), and each index points at its value. Coarse values make ties common."""
+    taken unspecified in both), and each index points at its value. Coarse values make ties common; the
+    rows with fewer than c non-negative entries are the ones the bit-pattern order cannot rank."""
     g = torch.Generator().manual_seed(n + c)
     v = (torch.randn(64, n, generator=g) * 4).round().to(dtype)
     v[3] = 1.0  # a row of equal values
     v[5, ::3] = 100.0  # more maxima than c
+    v[7] = -v[7].abs() - 1  # all negative
+    v[9] = -v[9].abs() - 1
+    v[9, 7 : 7 + c // 2] = 3.0  # fewer than c non-negative entries
+    v[11, 10] = float("inf")
+    v[13] = -v[13].abs()  # -0.0 and negatives ...
+    v[13, 1::2] = 0.0  # ... beside +0.0: equal values of either sign
+    v[15, -c:] = -0.0  # the c-th largest is a signed zero
     vals, idx = top_candidates(v, c)
     want = v.topk(c, dim=-1).values
     assert torch.equal(vals.float().sort(-1).values, want.float().sort(-1).values)
     assert torch.equal(v.gather(1, idx), vals)
     assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all())  # distinct columns
+
+
+def test_top_candidates_rank_nan_first_like_topk():
+    """A NaN (sign bit clear, as float('nan') is) is taken first, as torch.topk takes it."""
+    v = torch.randn(4, 8192, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    v[1, 4000] = float("nan")
+    vals, idx = top_candidates(v, 20)
+    assert int(torch.isnan(vals[1]).sum()) == 1 and 4000 in idx[1].tolist()
+    assert not bool(torch.isnan(vals[[0, 2, 3]]).any())
 
 
 def test_topk_indices_on_wide_rows_keeps_lowest_index_ties():
