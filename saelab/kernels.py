@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from contextlib import AbstractContextManager
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -171,35 +171,34 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def low_precision_affine(
     x: Float[Tensor, "batch d"], W: Float[Tensor, "d n"], b: Float[Tensor, " n"], dtype: torch.dtype
 ) -> Float[Tensor, "batch n"]:
-    """x W + b in `dtype` (bf16 or fp16) with fp32 accumulation and one rounding, without gradient.
+    """x W + b in `dtype` (bf16 or fp16), without gradient: the result of autocast's `addmm`, bit for bit.
 
-    `torch.addmm(b, x, W)` in bf16 is what autocast runs; on CPU its bias costs a broadcast copy into the
-    [batch, n] output and a second pass of the product over it (addmm 308 ms against mm 279 ms at
-    [4096, 768] @ [768, 16384] here). So on CPU the bias rides in the product as one more input column: x
-    gets a column of ones and W the row b, both padded with zeros to a multiple of 8 columns (776 for
-    d = 768). Each entry is then one fp32 sum of the same exact products as addmm's, b among them, rounded
-    once; only the order of the fp32 additions differs, so an entry differs from addmm's by at most one
-    unit in the last place where the fp32 sum lies near a rounding boundary (2 entries in a million at
-    that shape). Elsewhere it is the addmm.
+    On a CPU whose torch has oneDNN, bf16 runs as oneDNN's linear with the weight reordered into its
+    blocked layout first and the bias added inside the kernel: addmm instead copies the bias into the
+    [batch, n] output and passes over it again, and re-blocks the weight inside every product (addmm 303 ms,
+    mm 285 ms, reorder + linear 265 ms at [4096, 768] @ [768, 16384] here; the reorder is 4 ms of that).
+    Elsewhere, and where that op is missing, it is the addmm.
     """
-    if x.device.type != "cpu":
-        return torch.addmm(b.to(dtype), x.to(dtype), W.to(dtype))
-    batch, d = x.shape
-    p = (d + 1 + 7) // 8 * 8
-    xa = x.new_empty(batch, p, dtype=dtype)
-    xa[:, :d].copy_(x)
-    xa[:, d].fill_(1.0)
-    xa[:, d + 1 :].zero_()
-    # W's own memory order (W_enc is column-major when initialised as W_decᵀ), so the cast reads it in order
-    Wa = (
-        W.new_empty(W.shape[1], p, dtype=dtype).t()
-        if W.t().is_contiguous()
-        else W.new_empty(p, W.shape[1], dtype=dtype)
-    )
-    Wa[:d].copy_(W)
-    Wa[d].copy_(b)
-    Wa[d + 1 :].zero_()
-    return xa @ Wa
+    if dtype == torch.bfloat16 and x.device.type == "cpu" and has_onednn_linear():
+        Wt = W.t().to(dtype).contiguous()  # (n, d): a plain cast for W_enc stored column-major
+        packed = torch.ops.mkldnn._reorder_linear_weight(Wt, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b.to(dtype), "none", [], "")
+    return torch.addmm(b.to(dtype), x.to(dtype), W.to(dtype))
+
+
+@cache
+def has_onednn_linear() -> bool:
+    """Whether this torch has oneDNN's prepacked linear and it gives addmm's result (checked once)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, W, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((5, 24), (24, 40), (40,)))
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous(), 5)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(out, torch.addmm(b, x, W))
 
 
 class SparseLayout:

@@ -12,6 +12,7 @@ import io
 import pytest
 import torch
 
+from saelab import kernels
 from saelab.kernels import SparseLayout, sparse_decode
 from saelab.sae import SAE
 from saelab.sae.activations import BatchTopK, TopK
@@ -258,3 +259,21 @@ def test_bench_skips_missing_sections_and_peers(monkeypatch):
 
     monkeypatch.setattr(topk, "_sparsify_version", missing)
     assert run_section("topk", args) == ["[topk] skipped: EleutherAI sparsify is not installed"]
+
+
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_low_precision_affine_is_autocasts_addmm_bit_for_bit(column_major, onednn, monkeypatch):
+    """The encoder's bf16 product (oneDNN's prepacked linear on CPU, or addmm) equals what autocast makes
+    of `addmm(b, x, W)`, for either memory order of W and widths that are not multiples of a block."""
+    if not onednn:
+        monkeypatch.setattr(kernels, "has_onednn_linear", lambda: False)
+    elif not kernels.has_onednn_linear():
+        pytest.skip("this torch has no oneDNN linear")
+    g = torch.Generator().manual_seed(5)
+    x, b = torch.randn(37, 50, generator=g), torch.randn(300, generator=g)
+    W = torch.randn(300, 50, generator=g).t() if column_major else torch.randn(50, 300, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.addmm(b, x, W)
+    got = kernels.low_precision_affine(x, W, b, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
