@@ -168,37 +168,46 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _SPARSE_DTYPES else torch.float32
 
 
-def low_precision_affine(
+def encoder_affine(
     x: Float[Tensor, "batch d"], W: Float[Tensor, "d n"], b: Float[Tensor, " n"], dtype: torch.dtype
 ) -> Float[Tensor, "batch n"]:
-    """x W + b in `dtype` (bf16 or fp16), without gradient: the result of autocast's `addmm`, bit for bit.
+    """x W + b in `dtype` with fp32 accumulation, without gradient: the encoder's dense product.
 
-    On a CPU whose torch has oneDNN, bf16 runs as oneDNN's linear with the weight reordered into its
-    blocked layout first and the bias added inside the kernel: addmm instead copies the bias into the
-    [batch, n] output and passes over it again, and re-blocks the weight inside every product (addmm 303 ms,
-    mm 285 ms, reorder + linear 265 ms at [4096, 768] @ [768, 16384] here; the reorder is 4 ms of that).
-    Elsewhere, and where that op is missing, it is the addmm.
+    On a CPU whose torch has oneDNN, fp32 and bf16 run as oneDNN's linear with the weight reordered into
+    its blocked layout first and the bias added inside the kernel. `addmm` instead copies the bias into the
+    [batch, n] output and passes over it again, and re-blocks the weight inside every product; and torch's
+    fp32 `addmm` is MKL's, which on this AMD CPU runs far below oneDNN's. At [4096, 768] @ [768, 16384]
+    here: bf16 addmm 303 ms against 265 ms (the reorder is 4 ms of that); fp32 addmm 706 ms against 516 ms.
+    In bf16 the result is addmm's (autocast's) bit for bit; in fp32 the same products summed in another
+    order. Elsewhere, and where that op is missing, it is the addmm.
     """
-    if dtype == torch.bfloat16 and x.device.type == "cpu" and has_onednn_linear():
-        Wt = W.t().to(dtype).contiguous()  # (n, d): a plain cast for W_enc stored column-major
+    if x.device.type == "cpu" and dtype in _ONEDNN_DTYPES and has_onednn_linear(dtype):
+        Wt = W.t().to(dtype).contiguous()  # (n, d): a view or a plain cast for W_enc stored column-major
         packed = torch.ops.mkldnn._reorder_linear_weight(Wt, x.shape[0])
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b.to(dtype), "none", [], "")
     return torch.addmm(b.to(dtype), x.to(dtype), W.to(dtype))
 
 
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @cache
-def has_onednn_linear() -> bool:
-    """Whether this torch has oneDNN's prepacked linear and it gives addmm's result (checked once)."""
+def has_onednn_linear(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this torch has oneDNN's prepacked linear for `dtype` and it gives addmm's result (checked
+    once: bit for bit in bf16, to rounding in fp32)."""
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
-    x, W, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((5, 24), (24, 40), (40,)))
+    x, W, b = (torch.randn(*s, generator=g).to(dtype) for s in ((5, 24), (24, 40), (40,)))
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous(), 5)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    return torch.equal(out, torch.addmm(b, x, W))
+    want = torch.addmm(b, x, W)
+    return (
+        torch.equal(out, want) if dtype == torch.bfloat16 else torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+    )
 
 
 class SparseLayout:
@@ -408,11 +417,11 @@ def sparse_encode(
             cols, picked, pre = screened_topk(x_in, W_enc, b_enc, screen_k)
             rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(screen_k)
             cols, picked = cols.reshape(-1), picked.reshape(-1)  # row-major, columns ascending
-        elif autocast_on(x.device):  # autocast's bf16 product, its bias in the accumulation
-            pre = low_precision_affine(x_in, W_enc, b_enc, torch.get_autocast_dtype(x.device.type))
-            rows, cols = select(pre)
-        else:
-            pre = torch.addmm(b_enc, x_in, W_enc)  # (batch, d_sae)
+        else:  # (batch, d_sae) in autocast's dtype under autocast, else in the weights'
+            mixed = autocast_on(x.device)
+            pre = encoder_affine(
+                x_in, W_enc, b_enc, torch.get_autocast_dtype(x.device.type) if mixed else W_enc.dtype
+            )
             rows, cols = select(pre)
     layout, perm = SparseLayout.from_selection(rows, cols, pre.shape[0], pre.shape[1])
     if picked is None:
@@ -510,7 +519,7 @@ def screened_topk(
     The same reasoning bounds the bf16 Gram of OrtSAE's penalty (`saelab.objectives.terms`).
     """
     batch, d_in = x_in.shape
-    pre = low_precision_affine(x_in, W, b, torch.bfloat16)  # (batch, d_sae)
+    pre = encoder_affine(x_in, W, b, torch.bfloat16)  # (batch, d_sae)
     gamma = d_in * 2.0**-24 / (1 - d_in * 2.0**-24)
     slack = (2 * _U + _U * _U + gamma * (1 + _U) ** 2) * x_in.norm(dim=1, keepdim=True) * W.norm(dim=0).max()
     slack = slack + 2.02 * _U * b.abs().max() + d_in * 2.0**-126  # (batch, 1)
@@ -526,7 +535,7 @@ def screened_topk(
         bad = bad[~ok2]
     if bad.numel():
         ScreenStats.fallback += bad.numel()
-        full = torch.addmm(b, x_in[bad], W)  # (n_bad, d_sae) fp32
+        full = encoder_affine(x_in[bad], W, b, W.dtype)  # (n_bad, d_sae) fp32
         fc = full.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
         cols[bad], vals[bad] = fc, full.gather(-1, fc)
     return cols, vals, pre

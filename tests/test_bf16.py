@@ -127,8 +127,8 @@ def test_autocast_runs_the_encoder_product_and_selection_in_bf16_and_the_rest_in
     backward = rec.seen[len(forward) :]
 
     # the encoder product is the one bf16 product (on CPU oneDNN's prepacked linear where torch has it,
-    # see kernels.low_precision_affine); the decoder (embedding-bag) and the backward are fp32
-    product = "_linear_pointwise" if device == "cpu" and has_onednn_linear() else "addmm"
+    # see kernels.encoder_affine); the decoder (embedding-bag) and the backward are fp32
+    product = "_linear_pointwise" if device == "cpu" and has_onednn_linear(BF16) else "addmm"
     assert [(n, d) for n, d, _ in forward if d != FP32] == [(product, BF16)]
     assert ("_embedding_bag", FP32, (BATCH, D_IN)) in forward
     assert backward and all(d == FP32 for _, d, _ in backward)

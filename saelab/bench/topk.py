@@ -18,9 +18,10 @@ unscreened" is the same step with the plain fp32 product, and the run reports ho
 A third row, "saelab bf16-mixed", is the saelab step under `torch.autocast(device, bfloat16)` (what
 `trainer.precision=bf16-mixed` does): the encoder product and the top-k in bf16, decoder, loss and Adam in
 fp32 (see `saelab.sae.model`), reported against sparsify fp32. The roofline times a plain x @ W of the
-encoder's shapes ([batch, d_in] @ [d_in, d_sae]) in fp32 and bf16, interleaved with the steps, and sets
-the step's FLOPs against that rate: the encoder product 2·batch·d_in·d_sae, ×3 with a dense backward,
-plus the sparse decoder's 2·batch·k·d_in ×3. saelab's and sparsify's encoder backward are sparse, so the
+encoder's shapes ([batch, d_in] @ [d_in, d_sae]) in fp32 and bf16, interleaved with the steps, both as
+`torch.mm` (MKL in fp32 on CPU, what sparsify's `F.linear` runs) and as saelab's `encoder_affine`
+(oneDNN's linear on CPU), and sets the step's FLOPs against the faster one's rate: the encoder product
+2·batch·d_in·d_sae, ×3 with a dense backward, plus the sparse decoder's 2·batch·k·d_in ×3. saelab's and sparsify's encoder backward are sparse, so the
 one dense product a step cannot avoid is the encoder forward: "step ÷ x@W" says how far a step is from it
 (the screened step does that product in bf16, so it can go below 1).
 """
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.bench import SectionUnavailable
-from saelab.kernels import ScreenStats, screen_applies
+from saelab.kernels import ScreenStats, encoder_affine, screen_applies
 from saelab.objectives import Objective
 from saelab.objectives.terms import FVU
 from saelab.optim import Adam
@@ -216,19 +217,24 @@ def _saelens_version() -> str | None:
 
 
 class MatmulRunner:
-    """A plain x @ W of the encoder's shapes, [batch, d_in] @ [d_in, d_sae], in `dtype` (the roofline)."""
+    """A dense product of the encoder's shapes, [batch, d_in] @ [d_in, d_sae], in `dtype` (the roofline):
+    `torch.mm` (what sparsify's `F.linear` runs; MKL in fp32 on CPU) or, with `affine=True`, saelab's
+    `encoder_affine` with a zero bias (oneDNN's linear on CPU where torch has it, else the same mm)."""
 
-    def __init__(self, size: Size, device: str, dtype: torch.dtype) -> None:
-        self.name = f"x @ W {str(dtype).removeprefix('torch.')}"
+    def __init__(self, size: Size, device: str, dtype: torch.dtype, affine: bool = False) -> None:
+        self.name = f"x @ W {str(dtype).removeprefix('torch.')}" + (" (encoder_affine)" if affine else "")
         g = torch.Generator().manual_seed(0)
-        W = torch.randn(size.d_in, size.d_sae, generator=g) / size.d_in**0.5
-        self.W, self.dtype = W.to(device=device, dtype=dtype), dtype
+        W = torch.randn(size.d_sae, size.d_in, generator=g).t() / size.d_in**0.5  # column-major, as W_enc
+        self.W, self.dtype, self.affine = W.to(device=device, dtype=dtype), dtype, affine
+        self.b = torch.zeros(size.d_sae, device=device, dtype=dtype)
         self._x: dict[int, Tensor] = {}  # each batch cast once, outside the timed product
 
     def step(self, x: Tensor) -> Tensor:
         xc = self._x.get(id(x))
         if xc is None:
             xc = self._x[id(x)] = x.to(self.dtype)
+        if self.affine:
+            return encoder_affine(xc, self.W, self.b, self.dtype)
         return xc @ self.W
 
 
@@ -501,6 +507,8 @@ def main(args: argparse.Namespace) -> list[str]:
         "saelab bf16-mixed": SaelabRunner(size, device, seed=0, bf16_mixed=True),
         "x @ W fp32": MatmulRunner(size, device, torch.float32),
         "x @ W bf16": MatmulRunner(size, device, torch.bfloat16),
+        "affine fp32": MatmulRunner(size, device, torch.float32, affine=True),
+        "affine bf16": MatmulRunner(size, device, torch.bfloat16, affine=True),
     }
     if screened:  # the same fp32 step with the plain fp32 product and top-k, for comparison
         runners["saelab unscreened"] = SaelabRunner(size, device, seed=0, screen=False)
@@ -581,14 +589,17 @@ def main(args: argparse.Namespace) -> list[str]:
             + ")"
         )
 
-    # roofline: the step's FLOPs against a plain x @ W of the encoder's shapes, timed among the steps
+    # roofline: the step's FLOPs against the faster dense product of the encoder's shapes, timed among the
+    # steps: torch.mm or encoder_affine (oneDNN's linear on CPU)
     fl = step_flops(size)
-    t32, t16 = med["x @ W fp32"], med["x @ W bf16"]
+    mm32, mm16, af32, af16 = (med[k] for k in ("x @ W fp32", "x @ W bf16", "affine fp32", "affine bf16"))
+    t32, t16 = min(mm32, af32), min(mm16, af16)
     lines += [
         "",
         f"roofline: x @ W, [{size.batch}, {size.d_in}] @ [{size.d_in}, {size.d_sae}]: fp32 {t32 * 1e3:.1f} ms "
         f"({_rate(fl['encoder'], t32)}), bf16 {t16 * 1e3:.1f} ms ({_rate(fl['encoder'], t16)}, "
-        f"{t32 / t16:.2f}x fp32)",
+        f"{t32 / t16:.2f}x fp32), the faster of torch.mm (fp32 {mm32 * 1e3:.1f} ms, bf16 {mm16 * 1e3:.1f} ms) "
+        f"and saelab's encoder_affine (fp32 {af32 * 1e3:.1f} ms, bf16 {af16 * 1e3:.1f} ms)",
         f"step FLOPs: encoder 2·batch·d_in·d_sae = {fl['encoder'] / 1e9:.2f} G (×3 with a dense backward: "
         f"{fl['encoder_x3'] / 1e9:.2f} G) + sparse decoder 2·batch·k·d_in ×3 = {fl['decoder_x3'] / 1e9:.3f} G "
         f"= {fl['total'] / 1e9:.2f} GFLOP",

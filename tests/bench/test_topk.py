@@ -31,13 +31,14 @@ def test_bf16_mixed_runner_autocasts_the_forward_and_keeps_fp32_training_state()
     assert moments and all(v.dtype == torch.float32 for v in moments)
 
 
-def test_matmul_runner_times_the_encoder_shapes_in_its_dtype():
-    runner = MatmulRunner(TINY, "cpu", torch.bfloat16)
+@pytest.mark.parametrize("affine", [False, True])
+def test_matmul_runner_times_the_encoder_shapes_in_its_dtype(affine):
+    runner = MatmulRunner(TINY, "cpu", torch.bfloat16, affine=affine)
     x = make_batches(TINY, 1, "cpu")[0]
     y = runner.step(x)
-    assert (
-        runner.name == "x @ W bfloat16" and y.dtype == torch.bfloat16 and y.shape == (TINY.batch, TINY.d_sae)
-    )
+    assert runner.name.startswith("x @ W bfloat16") and y.dtype == torch.bfloat16
+    assert y.shape == (TINY.batch, TINY.d_sae)
+    torch.testing.assert_close(y.float(), x.bfloat16().float() @ runner.W.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_bf16_parity_is_within_bf16_rounding():

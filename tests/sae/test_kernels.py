@@ -263,17 +263,34 @@ def test_bench_skips_missing_sections_and_peers(monkeypatch):
 
 @pytest.mark.parametrize("column_major", [True, False])
 @pytest.mark.parametrize("onednn", [True, False])
-def test_low_precision_affine_is_autocasts_addmm_bit_for_bit(column_major, onednn, monkeypatch):
+def test_encoder_affine_is_autocasts_addmm_bit_for_bit(column_major, onednn, monkeypatch):
     """The encoder's bf16 product (oneDNN's prepacked linear on CPU, or addmm) equals what autocast makes
     of `addmm(b, x, W)`, for either memory order of W and widths that are not multiples of a block."""
     if not onednn:
-        monkeypatch.setattr(kernels, "has_onednn_linear", lambda: False)
-    elif not kernels.has_onednn_linear():
+        monkeypatch.setattr(kernels, "has_onednn_linear", lambda dtype: False)
+    elif not kernels.has_onednn_linear(torch.bfloat16):
         pytest.skip("this torch has no oneDNN linear")
     g = torch.Generator().manual_seed(5)
     x, b = torch.randn(37, 50, generator=g), torch.randn(300, generator=g)
     W = torch.randn(300, 50, generator=g).t() if column_major else torch.randn(50, 300, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = torch.addmm(b, x, W)
-    got = kernels.low_precision_affine(x, W, b, torch.bfloat16)
+    got = kernels.encoder_affine(x, W, b, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_encoder_affine_in_fp32_is_the_product_to_rounding(onednn, monkeypatch):
+    """In fp32 (oneDNN's linear on CPU, or addmm): within fp32 accumulation error of the float64 product."""
+    if not onednn:
+        monkeypatch.setattr(kernels, "has_onednn_linear", lambda dtype: False)
+    g = torch.Generator().manual_seed(6)
+    x, W, b = (
+        torch.randn(37, 50, generator=g),
+        torch.randn(300, 50, generator=g).t(),
+        torch.randn(300, generator=g),
+    )
+    got = kernels.encoder_affine(x, W, b, torch.float32)
+    want = x.double() @ W.double() + b.double()
+    bound = 51 * 2.0**-24 * (x.double().abs() @ W.double().abs() + b.double().abs()) * 1.01
+    assert got.dtype == torch.float32 and bool(((got.double() - want).abs() <= bound).all())
