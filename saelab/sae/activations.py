@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from saelab.kernels import LOW_PRECISION, top_candidates, topk_indices
+from saelab.kernels import LOW_PRECISION, ScreenPolicy, top_candidates, topk_indices
 
 
 class ReLU(nn.Module):
@@ -39,8 +39,9 @@ class TopK(nn.Module):
     `screen` (fp32 SAEs only): find the fp32 top-k from a bf16 product of the encoder, certified exact row
     by row (`saelab.kernels.screened_topk`; rows it cannot certify are recomputed in fp32). The selection
     is the fp32 one; the step is faster where bf16 products are. None (auto) screens on CPUs with fast bf16
-    products and encoders of at least 4 Mi weights; True always (where the weights are fp32 and autocast
-    is off); False never. The SAE's `pre_acts` is then the bf16 product.
+    products and encoders of at least 4 Mi weights, while it pays (`saelab.kernels.ScreenPolicy`: not while
+    more than 5% of rows need the second pass); True always (where the weights are fp32 and autocast is
+    off); False never. The SAE's `pre_acts` is then the bf16 product.
     """
 
     sparse = True
@@ -53,6 +54,7 @@ class TopK(nn.Module):
             raise ValueError(f"TopK screen must be true, false or null (auto), got {screen!r}.")
         self.k = k
         self.screen = screen
+        self.screen_policy = ScreenPolicy()  # consulted when screen is None (auto)
 
     @torch.no_grad()
     def select(self, pre: Float[Tensor, "batch d_sae"]) -> tuple[Int[Tensor, " nnz"], Int[Tensor, " nnz"]]:

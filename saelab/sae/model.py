@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from saelab.files import CorruptFile, load_safetensors, read_json
 from saelab.kernels import (
+    ScreenStats,
     SparseLayout,
     autocast_on,
     no_autocast,
@@ -172,8 +173,15 @@ class SAE(nn.Module):
         act = self.activation
         screen = getattr(act, "screen", False)  # a per-row TopK's setting; other selections are not screened
         k = int(getattr(act, "k", 0))
-        screen_k = k if screen_applies(screen, self.W_enc, k) else None
-        return sparse_encode(x, b_dec, self.W_enc, self.b_enc, act.select, screen_k=screen_k)
+        policy = getattr(act, "screen_policy", None) if screen is None else None  # auto: screen while it pays
+        screened = screen_applies(screen, self.W_enc, k) and (policy is None or policy.wants())
+        if not screened:
+            return sparse_encode(x, b_dec, self.W_enc, self.b_enc, act.select)
+        hard = ScreenStats.retried + ScreenStats.fallback
+        out = sparse_encode(x, b_dec, self.W_enc, self.b_enc, act.select, screen_k=k)
+        if policy is not None:
+            policy.record(x.shape[0], ScreenStats.retried + ScreenStats.fallback - hard)
+        return out
 
     # ------------------------------------------------------------------ constraints and init
     @torch.no_grad()

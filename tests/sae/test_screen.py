@@ -217,3 +217,36 @@ def test_topk_indices_on_wide_rows_keeps_lowest_index_ties():
         for k in (1, 8, 32):
             want = torch.sort(v.double(), dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
             assert torch.equal(topk_indices(v, k), want)
+
+
+def test_auto_screening_stops_while_it_does_not_pay_and_looks_again(monkeypatch):
+    """`screen=None`: screened while few rows need the second pass. On batches where every row does (60
+    near-duplicate latents far above the rest) it stops after the first such call, screens one call in
+    `probe_every` to look again, and the average share falls back as probes find easy rows. The selection
+    is the fp32 top-k throughout, screened or not."""
+    g = torch.Generator().manual_seed(9)
+    d_in, d_sae, k, batch = 64, 2000, 4, 24
+    sae = SAE(d_in, d_sae, TopK(k, screen=None), b_dec_init="zeros", seed=0, normalize_decoder=False)
+    w0 = torch.randn(d_in, 1, generator=g)
+    w0 /= w0.norm()
+    with torch.no_grad():
+        sae.W_enc.copy_(0.1 * torch.randn(d_in, d_sae, generator=g))
+        sae.W_enc[:, :60] = w0 + 1e-3 * torch.randn(d_in, 60, generator=g)
+        sae.b_enc.zero_()
+    hard = 3 * w0.t() + 0.1 * torch.randn(batch, d_in, generator=g)  # every row's top 4 among the 60
+    easy = -3 * w0.t() + 0.3 * torch.randn(batch, d_in, generator=g)  # the 60 far below: clear margins
+    policy = sae.activation.screen_policy
+    policy.probe_every = 5
+    # as on a CPU with fast bf16 products and an encoder large enough for auto to screen
+    monkeypatch.setattr("saelab.sae.model.screen_applies", lambda screen, W, k: True)
+    screened = []
+    for x in [easy, hard] + [hard] * 5 + [easy] * 6:
+        before = ScreenStats.rows
+        out = sae(x)
+        screened.append(ScreenStats.rows > before)
+        want = torch.topk(x @ sae.W_enc + sae.b_enc, k, dim=-1).indices.sort(-1).values
+        assert torch.equal(out.sparse.cols.view(batch, k), want)
+    # easy, hard (screened: share 0 -> 0.5) | 4 calls off, the 5th probes on hard rows (0.75) | 4 off, the
+    # probe on easy rows (0.375) | still above 5%: off
+    assert screened == [True, True] + [False] * 4 + [True] + [False] * 4 + [True, False]
+    assert policy.retried_share == pytest.approx(0.375)
