@@ -149,7 +149,17 @@ class AuxK(Term):
     k_aux pre-activations, decode them without b_dec, ê = Σ f_aux W_dec, and return the normalised
     error ‖e − ê‖² / ‖e − ē‖² (summed over the batch). Zero when no latent is dead; a non-finite value
     (e.g. a constant residual) is replaced by 0. The default coefficient is α = 1/32.
+
+    The gradient reaches the dead latents' encoder and decoder, as in the paper and SAELens (sparsify's
+    fused encoder passes none to the encoder). ê is decoded with dense products over the dead latents'
+    decoder rows when the batch·k_aux codes fill at least 1/16 of the [batch, n_dead] block (at batch
+    4096, d_in 768, d_sae 16384 with 5% dead, a step went from 1.66 s to 1.06 s against 0.52 s without
+    AuxK), sparsely otherwise.
     """
+
+    # decode densely over the dead latents when the aux codes fill at least 1/DENSE_FILL of them: a sparse
+    # decode of batch·k_aux entries (2 Mi at batch 4096) runs far below a dense product's rate
+    DENSE_FILL = 16
 
     def __init__(self, coeff: float = 1 / 32, k_aux: int = 512) -> None:
         super().__init__(coeff)
@@ -170,11 +180,18 @@ class AuxK(Term):
             vals, idx = pre.topk(k, dim=-1, sorted=False)
             idx, order = idx.sort(dim=-1)  # columns ascending within each row, as the CSR products expect
             vals = vals.gather(-1, order)
-        vals = vals.to(sae.W_dec.dtype)  # decoded in fp32 (sparse_decode turns autocast off)
+        vals = vals.to(sae.W_dec.dtype).relu()  # decoded in fp32 (autocast off)
         batch = pre.shape[0]
-        rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
-        # the SAE's own sparse decode (SparseDecode: CSR products in the backward), shared with Matryoshka
-        e_hat = sparse_decode(rows, dead[idx].reshape(-1), vals.relu().reshape(-1), sae.W_dec, batch).float()
+        if k * self.DENSE_FILL >= dead.numel():
+            # the aux codes fill ≥ 1/DENSE_FILL of the [batch, n_dead] block (k_aux = 512 against a few
+            # thousand dead latents is most of it): dense products over the dead latents' decoder rows
+            with no_autocast(pre.device):
+                codes = torch.zeros(batch, dead.numel(), dtype=vals.dtype, device=vals.device)
+                e_hat = (codes.scatter(-1, idx, vals) @ sae.W_dec.index_select(0, dead)).float()
+        else:
+            rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
+            # the SAE's own sparse decode (SparseDecode: CSR products in the backward), shared with Matryoshka
+            e_hat = sparse_decode(rows, dead[idx].reshape(-1), vals.reshape(-1), sae.W_dec, batch).float()
         loss = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -109,6 +109,31 @@ def test_auxk_by_hand():
     assert AuxK()(out, sae, TrainState(dead_mask=torch.zeros(3, dtype=torch.bool))).item() == 0.0
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_auxk_dense_and_sparse_decodes_agree(bf16):
+    """Over many dead latents AuxK decodes sparsely, over few densely (the codes fill most of the block):
+    the same loss and gradients either way, in fp32 and under bf16 autocast."""
+    d_in, d_sae, batch = 24, 300, 40
+    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(4))
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[::3] = True  # 100 dead latents, k_aux = 20: a fifth of the block
+    results = []
+    for fill in (1, 16):  # sparse (20 < 100), dense (320 >= 100)
+        sae = SAE(d_in, d_sae, TopK(4), seed=2)
+        term = AuxK(k_aux=20)
+        term.DENSE_FILL = fill
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = sae(x)
+            value = term(out, sae, TrainState(dead_mask=dead))
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in sae.parameters()]))
+    (v_sparse, g_sparse), (v_dense, g_dense) = results
+    assert float(v_sparse) > 0
+    torch.testing.assert_close(v_dense, v_sparse, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_dense, g_sparse, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_ortho_by_hand():
     r = 1 / math.sqrt(2)
     sae = _tiny_sae(torch.tensor([[1.0, 0.0], [0.0, 1.0], [r, r], [-1.0, 0.0]]))
