@@ -117,6 +117,7 @@ def test_autocast_runs_the_encoder_product_and_selection_in_bf16_and_the_rest_in
     sae = make_sae(BatchTopK(K) if batch_topk else TopK(K), device, twins)
     x = make_x(device)
     objective = Objective({"mse": MSE(), "fvu": FVU()})
+    product = "_linear_pointwise" if device == "cpu" and has_onednn_linear(BF16) else "addmm"  # checked once
     rec = Products()
     with rec, torch.autocast(device, dtype=BF16):
         out = sae(x)
@@ -128,7 +129,6 @@ def test_autocast_runs_the_encoder_product_and_selection_in_bf16_and_the_rest_in
 
     # the encoder product is the one bf16 product (on CPU oneDNN's prepacked linear where torch has it,
     # see kernels.encoder_affine); the decoder (embedding-bag) and the backward are fp32
-    product = "_linear_pointwise" if device == "cpu" and has_onednn_linear(BF16) else "addmm"
     assert [(n, d) for n, d, _ in forward if d != FP32] == [(product, BF16)]
     assert ("_embedding_bag", FP32, (BATCH, D_IN)) in forward
     assert backward and all(d == FP32 for _, d, _ in backward)
@@ -172,19 +172,21 @@ def test_dense_sae_under_autocast_upcasts_pi_before_the_activation(device):
     assert_fp32_training_state(sae, torch.optim.Adam(sae.parameters(), lr=1e-3))
 
 
-def test_auxk_ranks_bf16_dead_latents_and_decodes_them_in_fp32():
+@pytest.mark.parametrize(("fill", "decode"), [(1, "_embedding_bag"), (AuxK.DENSE_FILL, "mm")])
+def test_auxk_ranks_bf16_dead_latents_and_decodes_them_in_fp32(fill, decode):
     sae = make_sae(TopK(K))
     x = make_x()
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[::4] = True
     term, state = AuxK(k_aux=16), TrainState(dead_mask=dead)
+    term.DENSE_FILL = fill  # 16 codes over D_SAE/4 = 64 dead latents: sparse with 1, dense with 16
     out = sae(x)
     ref = term(out, sae, state)
     rec = Products()
     with rec, torch.autocast("cpu", dtype=BF16):
         value = term(out, sae, state)
     # the dead-latent π is an encoder product (bf16, as sparsify's AuxK ranks its bf16 π); the decode is fp32
-    assert [(n, d) for n, d, _ in rec.seen] == [("addmm", BF16), ("_embedding_bag", FP32)]
+    assert [(n, d) for n, d, _ in rec.seen] == [("addmm", BF16), (decode, FP32)]
     assert value.dtype == FP32
     assert value.item() == pytest.approx(ref.item(), rel=0.05)  # the normalised error of a few bf16 codes
     value.backward()
