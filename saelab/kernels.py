@@ -173,41 +173,56 @@ def encoder_affine(
 ) -> Float[Tensor, "batch n"]:
     """x W + b in `dtype` with fp32 accumulation, without gradient: the encoder's dense product.
 
-    On a CPU whose torch has oneDNN, fp32 and bf16 run as oneDNN's linear with the weight reordered into
-    its blocked layout first and the bias added inside the kernel. `addmm` instead copies the bias into the
+    On a CPU whose torch has oneDNN, fp32 and bf16 run as oneDNN's linear, the bias added inside the kernel
+    and, for batches of at least `PACK_MIN_BATCH` rows, the weight reordered into its blocked layout first. `addmm` instead copies the bias into the
     [batch, n] output and passes over it again, and re-blocks the weight inside every product; and torch's
     fp32 `addmm` is MKL's, which on this AMD CPU runs far below oneDNN's. At [4096, 768] @ [768, 16384]
     here: bf16 addmm 303 ms against 265 ms (the reorder is 4 ms of that); fp32 addmm 706 ms against 516 ms.
     In bf16 the result is addmm's (autocast's) bit for bit; in fp32 the same products summed in another
     order. Elsewhere, and where that op is missing, it is the addmm.
     """
-    if x.device.type == "cpu" and dtype in _ONEDNN_DTYPES and has_onednn_linear(dtype):
+    batch = x.shape[0]
+    if (
+        x.device.type == "cpu"
+        and dtype in _ONEDNN_DTYPES
+        and batch * W.numel() >= ONEDNN_MIN_MACS
+        and has_onednn_linear(dtype)
+    ):
         Wt = W.t().to(dtype).contiguous()  # (n, d): a view or a plain cast for W_enc stored column-major
-        packed = torch.ops.mkldnn._reorder_linear_weight(Wt, x.shape[0])
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b.to(dtype), "none", [], "")
+        if batch >= PACK_MIN_BATCH:  # the reorder pays for itself over enough rows
+            Wt = torch.ops.mkldnn._reorder_linear_weight(Wt, batch)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype).contiguous(), Wt, b.to(dtype), "none", [], "")
     return torch.addmm(b.to(dtype), x.to(dtype), W.to(dtype))
 
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# below this many multiply-adds addmm's smaller fixed cost wins (32·16·64: 4 µs against 22 µs here)
+ONEDNN_MIN_MACS = 1 << 18
+# the blocked-layout reorder pays from this batch on: fp32 here, reorder + linear against linear alone,
+# 3.4 against 3.1 ms at [1024, 128] @ [128, 2048] and 71 against 67 ms at [1024, 576] @ [576, 8192], but
+# 635 against 723 ms at [4096, 768] @ [768, 16384]
+PACK_MIN_BATCH = 2048
 
 
 @cache
 def has_onednn_linear(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether this torch has oneDNN's prepacked linear for `dtype` and it gives addmm's result (checked
-    once: bit for bit in bf16, to rounding in fp32)."""
+    """Whether this torch has oneDNN's linear for `dtype`, over a prepacked weight and a plain one, and it
+    gives addmm's result (checked once: bit for bit in bf16, to rounding in fp32)."""
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
     x, W, b = (torch.randn(*s, generator=g).to(dtype) for s in ((5, 24), (24, 40), (40,)))
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous(), 5)
-        out = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        outs = [
+            torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "") for w in (packed, W.t().contiguous())
+        ]
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     want = torch.addmm(b, x, W)
-    return (
-        torch.equal(out, want) if dtype == torch.bfloat16 else torch.allclose(out, want, rtol=1e-5, atol=1e-5)
-    )
+    if dtype == torch.bfloat16:
+        return all(torch.equal(out, want) for out in outs)
+    return all(torch.allclose(out, want, rtol=1e-5, atol=1e-5) for out in outs)
 
 
 class SparseLayout:

@@ -262,10 +262,12 @@ def test_bench_skips_missing_sections_and_peers(monkeypatch):
 
 
 @pytest.mark.parametrize("column_major", [True, False])
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("onednn", ["packed", "plain", None])
 def test_encoder_affine_is_autocasts_addmm_bit_for_bit(column_major, onednn, monkeypatch):
-    """The encoder's bf16 product (oneDNN's prepacked linear on CPU, or addmm) equals what autocast makes
-    of `addmm(b, x, W)`, for either memory order of W and widths that are not multiples of a block."""
+    """The encoder's bf16 product (oneDNN's linear on CPU, over a prepacked or a plain weight, or addmm)
+    equals what autocast makes of `addmm(b, x, W)`, for either memory order of W and widths that are not
+    multiples of a block."""
+    monkeypatch.setattr(kernels, "PACK_MIN_BATCH", 1 if onednn == "packed" else 1 << 30)
     if not onednn:
         monkeypatch.setattr(kernels, "has_onednn_linear", lambda dtype: False)
     elif not kernels.has_onednn_linear(torch.bfloat16):
@@ -279,9 +281,10 @@ def test_encoder_affine_is_autocasts_addmm_bit_for_bit(column_major, onednn, mon
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("onednn", ["packed", "plain", None])
 def test_encoder_affine_in_fp32_is_the_product_to_rounding(onednn, monkeypatch):
     """In fp32 (oneDNN's linear on CPU, or addmm): within fp32 accumulation error of the float64 product."""
+    monkeypatch.setattr(kernels, "PACK_MIN_BATCH", 1 if onednn == "packed" else 1 << 30)
     if not onednn:
         monkeypatch.setattr(kernels, "has_onednn_linear", lambda dtype: False)
     g = torch.Generator().manual_seed(6)
