@@ -376,6 +376,42 @@ class SparseEncode(torch.autograd.Function):
         return grad_x, grad_bdec, grad_W, grad_benc, None, None, None
 
 
+class ColumnEncode(torch.autograd.Function):
+    """π[:, cols] = (x − b_dec) W_enc[:, cols] + b_enc[cols] for a subset of latents (AuxK's dead ones), dense,
+    with gradient; the forward product is `encoder_affine`'s (oneDNN's linear on CPU; `dtype` is bf16 under
+    autocast). The backward is fp32 and forms ∂L/∂b_dec as −W colsum(G), a mat-vec, instead of the
+    [batch, d_in] product that autograd would make and then sum (as `SparseEncode` does); that product is
+    made only when x itself needs a gradient. Inputs: x, b_dec (or None), W_enc, b_enc, cols, dtype."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, cols, dtype):
+        x_in = x - b_dec if b_dec is not None else x
+        W = W_enc.index_select(1, cols)  # (d_in, n)
+        pre = encoder_affine(x_in, W, b_enc.index_select(0, cols), dtype)  # (batch, n)
+        ctx.save_for_backward(x_in, W, cols, W_enc)
+        ctx.d_sae = b_enc.shape[0]
+        return pre
+
+    @staticmethod
+    def backward(ctx, grad_pre: Tensor):
+        with no_autocast(grad_pre.device):
+            x_in, W, cols, W_enc = ctx.saved_tensors
+            need_x, need_bdec, need_W, need_benc = ctx.needs_input_grad[:4]
+            g = grad_pre.to(W.dtype)  # (batch, n) fp32
+            grad_x = grad_bdec = grad_W = grad_benc = None
+            if need_W:  # x_inᵀ G into W_enc's own strides (AccumulateGrad would copy otherwise)
+                grad_W = torch.zeros_like(W_enc).index_copy_(1, cols, x_in.t() @ g)
+            if need_benc or need_bdec:
+                colsum = g.sum(0)  # (n,)
+                if need_benc:
+                    grad_benc = colsum.new_zeros(ctx.d_sae).index_copy_(0, cols, colsum)
+                if need_bdec:
+                    grad_bdec = -(W @ colsum)  # (d_in,)
+            if need_x:
+                grad_x = g @ W.t()
+            return grad_x, grad_bdec, grad_W, grad_benc, None, None
+
+
 class SparseDecode(torch.autograd.Function):
     """x̂_b = Σ_{(b,j)} f_bj · W_dec[j] (no bias). Backward: ∂L/∂f = SDDMM(∂L/∂x̂, W_dec), ∂L/∂W_dec = Fᵀ ∂L/∂x̂."""
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from saelab.files import CorruptFile, load_safetensors, read_json
 from saelab.kernels import (
+    ColumnEncode,
     ScreenStats,
     SparseLayout,
     autocast_on,
@@ -125,13 +126,20 @@ class SAE(nn.Module):
         """Pre-activations π for all latents, or only for `latents` (with gradient).
 
         Under autocast one bf16 `addmm` (bias added before the rounding to bf16, like the sparse path's π
-        and sparsify's `F.linear`); otherwise the parameter dtype, as before.
+        and sparsify's `F.linear`); otherwise the parameter dtype. For `latents` (AuxK's dead ones) the
+        product is `kernels.ColumnEncode`'s: the same values, with a cheaper backward.
         """
+        if (
+            latents is not None
+        ):  # AuxK's dead latents: dense, with a gradient that skips a [batch, d_in] product
+            b_dec = self.b_dec if self.apply_b_dec_to_input else None
+            mixed = autocast_on(x.device)
+            dtype = torch.get_autocast_dtype(x.device.type) if mixed else self.W_enc.dtype
+            return ColumnEncode.apply(x, b_dec, self.W_enc, self.b_enc, latents, dtype)
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        W, b = (self.W_enc, self.b_enc) if latents is None else (self.W_enc[:, latents], self.b_enc[latents])
         if autocast_on(x.device):
-            return torch.addmm(b, x_in, W)  # (batch, n) bf16
-        return x_in @ W + b
+            return torch.addmm(self.b_enc, x_in, self.W_enc)  # (batch, d_sae) bf16
+        return x_in @ self.W_enc + self.b_enc
 
     def encode(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
         """Dense latent codes f(x)."""

@@ -297,3 +297,38 @@ def test_encoder_affine_in_fp32_is_the_product_to_rounding(onednn, monkeypatch):
     want = x.double() @ W.double() + b.double()
     bound = 51 * 2.0**-24 * (x.double().abs() @ W.double().abs() + b.double().abs()) * 1.01
     assert got.dtype == torch.float32 and bool(((got.double() - want).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("with_bdec", [True, False])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_column_encode_matches_autograd(with_bdec, x_grad):
+    """π over a subset of latents and its gradients to x, b_dec, W_enc and b_enc, against autograd through
+    (x − b_dec) W_enc[:, cols] + b_enc[cols] (float64; W_enc column-major as the SAE stores it)."""
+    g = torch.Generator().manual_seed(8)
+    batch, d_in, d_sae = 40, 12, 90
+    cols = torch.tensor([3, 7, 8, 20, 55, 89])
+    leaves = [
+        torch.randn(batch, d_in, generator=g, dtype=torch.float64),
+        torch.randn(d_in, generator=g, dtype=torch.float64),
+        torch.randn(d_sae, d_in, generator=g, dtype=torch.float64).t(),  # column-major
+        torch.randn(d_sae, generator=g, dtype=torch.float64),
+    ]
+    go = torch.randn(batch, cols.numel(), generator=g, dtype=torch.float64)
+    grads = []
+    for ours in (True, False):
+        x, b_dec, W, b = (t.detach().clone().requires_grad_(i > 0 or x_grad) for i, t in enumerate(leaves))
+        W = W.detach().t().contiguous().t().requires_grad_()  # keep the column-major strides
+        bd = b_dec if with_bdec else None
+        if ours:
+            pre = kernels.ColumnEncode.apply(x, bd, W, b, cols, torch.float64)
+        else:
+            pre = ((x - bd) if with_bdec else x) @ W[:, cols] + b[cols]
+        pre.backward(go)
+        grads.append((pre.detach(), [t.grad for t in (x, b_dec, W, b)]))
+    (pre_a, ga), (pre_b, gb) = grads
+    torch.testing.assert_close(pre_a, pre_b)
+    for a, b in zip(ga, gb, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    assert ga[2].stride() == (1, d_in)  # W_enc's gradient in W_enc's own memory order
