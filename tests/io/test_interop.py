@@ -11,6 +11,7 @@ import pytest
 import torch
 from support import SENTENCES, make_tiny_esm, save_tiny_causal_lm
 
+from saelab import kernels
 from saelab.corpora.text import Corpus
 from saelab.data.text import TextActivations
 from saelab.hosts.causal_lm import CausalLMHost, embedded_model_dir
@@ -98,9 +99,14 @@ def _bridge_available() -> bool:
 @pytest.mark.skipif(
     not _bridge_available(), reason="sae_lens with transformer-lens 3 (TransformerBridge) not installed"
 )
-def test_sae_lens_bridge_attaches_export_and_matches_spliced_ce(tmp_path):
+def test_sae_lens_bridge_attaches_export_and_matches_spliced_ce(tmp_path, monkeypatch):
     """SAELens boots the converted SmolLM2 folder offline, `add_sae` attaches the export as written, and its
-    `run_with_saes` CE equals saelab's spliced CE on the same tokens, for an SAE trained on s·h (s folded)."""
+    `run_with_saes` CE equals saelab's spliced CE on the same tokens, for an SAE trained on s·h (s folded).
+
+    saelab's side runs its encoder product as torch's addmm here, the product SAELens's SAE uses: with
+    oneDNN's (`kernels.encoder_affine`, the same sums in another order) pre-activations within rounding of
+    the BatchTopK threshold fall on its other side, and the CE moved by 3e-4 of itself."""
+    monkeypatch.setattr(kernels, "has_onednn_linear", lambda dtype: False)
     from sae_lens import SAE as LensSAE
     from sae_lens import SAETransformerBridge
 
