@@ -182,9 +182,10 @@ def encoder_affine(
     """x W + b in `dtype` with fp32 accumulation, without gradient: the encoder's dense product.
 
     On a CPU whose torch has oneDNN, fp32 and bf16 run as oneDNN's linear, the bias added inside the kernel
-    and, for batches of at least `PACK_MIN_BATCH` rows, the weight reordered into its blocked layout first. `addmm` instead copies the bias into the
-    [batch, n] output and passes over it again, and re-blocks the weight inside every product; and torch's
-    fp32 `addmm` is MKL's, which on this AMD CPU runs far below oneDNN's. At [4096, 768] @ [768, 16384]
+    and, for batches of at least `PACK_MIN_BATCH` rows, the weight reordered into its blocked layout first.
+    `addmm` instead copies the bias into the [batch, n] output and passes over it again, and re-blocks the
+    weight inside every product; and torch's fp32 `addmm` is MKL's, which on this AMD CPU runs far below
+    oneDNN's. At [4096, 768] @ [768, 16384]
     here: bf16 addmm 303 ms against 265 ms (the reorder is 4 ms of that); fp32 addmm 706 ms against 516 ms.
     In bf16 the result is addmm's (autocast's) bit for bit; in fp32 the same products summed in another
     order. Elsewhere, and where that op is missing, it is the addmm.
@@ -296,23 +297,18 @@ class SparseLayout:
         out.addmm_(self.csr_t(values.to(wd)), dense.to(wd), beta=0.0)
         return out.to(dense.dtype)
 
-    def sampled(
-        self, a: Float[Tensor, "batch n"], b: Float[Tensor, "d_sae n"], by_col: bool = False
-    ) -> Float[Tensor, " nnz"]:
+    def sampled(self, a: Float[Tensor, "batch n"], b: Float[Tensor, "d_sae n"]) -> Float[Tensor, " nnz"]:
         """(a bᵀ)[rows, cols]: the product evaluated at the nnz coordinates only (SDDMM).
 
-        `by_col` evaluates (b aᵀ) at the transposed pattern instead, so that each row of b is read once
+        It evaluates (b aᵀ) at the transposed (column-sorted) pattern, so that each row of b is read once
         and the rows of a (the smaller operand, `batch` rows) are the ones revisited: with d_sae ≫ batch
         that halved the decoder backward's SDDMM here (W_dec, 48 MiB, against ∂L/∂x̂, 12 MiB). Each value
-        is the same dot product in the same order, so the results are equal; the column-sorted structure
-        it builds is the one `t_matmul` reuses.
+        is the same dot product, in the same order, as at the row-sorted pattern; the column-sorted
+        structure it builds is the one `t_matmul` reuses.
         """
         wd = _work_dtype(a.dtype)
         if self.nnz == 0:
             return a.new_zeros(0)
-        if not by_col:
-            pattern = self.csr(a.new_zeros(self.nnz, dtype=wd))
-            return torch.sparse.sampled_addmm(pattern, a.to(wd), b.to(wd).t(), beta=0.0).values().to(a.dtype)
         perm, ccol, rows = self._by_col
         pattern = _csr(ccol, rows, a.new_zeros(self.nnz, dtype=wd), (self.d_sae, self.batch))
         vals = torch.sparse.sampled_addmm(pattern, b.to(wd), a.to(wd).t(), beta=0.0).values()
@@ -439,7 +435,7 @@ class SparseDecode(torch.autograd.Function):
             )
         grad_out = grad_out.to(W_dec.dtype).contiguous()
         if ctx.needs_input_grad[0]:
-            grad_vals = lay.sampled(grad_out, W_dec, by_col=True).to(vals.dtype)  # (nnz,)
+            grad_vals = lay.sampled(grad_out, W_dec).to(vals.dtype)  # (nnz,)
         if ctx.needs_input_grad[1]:
             grad_W = lay.t_matmul(vals.to(W_dec.dtype), grad_out)  # (d_sae, d_in), W_dec's layout
         return grad_vals, grad_W, None
@@ -641,7 +637,7 @@ def _certify(pre: Tensor, x_in: Tensor, W: Tensor, b: Tensor, k: int, c: int, sl
     at_cand = SparseLayout(
         torch.arange(rows, device=pre.device).repeat_interleave(c), cand.reshape(-1), rows, W.shape[1]
     )
-    exact = at_cand.sampled(x_in, W.t(), by_col=True).view(rows, c) + b[cand]
+    exact = at_cand.sampled(x_in, W.t()).view(rows, c) + b[cand]
     top, at = exact.topk(k, dim=-1, sorted=False)  # (rows, k) fp32 π at the candidates
     ok = top.amin(dim=-1, keepdim=True) > m + 2.02 * _U * m.abs() + slack  # False for NaN
     at, order = at.sort(dim=-1)  # candidates are ascending, so their positions order the columns

@@ -21,9 +21,10 @@ fp32 (see `saelab.sae.model`), reported against sparsify fp32. The roofline time
 encoder's shapes ([batch, d_in] @ [d_in, d_sae]) in fp32 and bf16, interleaved with the steps, both as
 `torch.mm` (MKL in fp32 on CPU, what sparsify's `F.linear` runs) and as saelab's `encoder_affine`
 (oneDNN's linear on CPU), and sets the step's FLOPs against the faster one's rate: the encoder product
-2·batch·d_in·d_sae, ×3 with a dense backward, plus the sparse decoder's 2·batch·k·d_in ×3. saelab's and sparsify's encoder backward are sparse, so the
-one dense product a step cannot avoid is the encoder forward: "step ÷ x@W" says how far a step is from it
-(the screened step does that product in bf16, so it can go below 1).
+2·batch·d_in·d_sae, ×3 with a dense backward, plus the sparse decoder's 2·batch·k·d_in ×3. saelab's and
+sparsify's encoder backward are sparse, so the one dense product a step cannot avoid is the encoder
+forward: "step ÷ x@W" says how far a step is from it (the screened step does that product in bf16, so it
+can go below 1).
 """
 
 from __future__ import annotations
