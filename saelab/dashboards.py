@@ -12,7 +12,8 @@
   whatever the logger (logger=none too). The counts come from `LitSAE.fired_since_density`, which the
   step's dead-latent counter fills from the firing counts it already computes; under DDP they are summed
   over ranks when a histogram is made.
-- **Learning rate**: Lightning's `LearningRateMonitor` per step (`lr-<Optimizer>`), wherever a logger is.
+- **Learning rate**: logged with the training scalars every `lit.log_every` steps, as `lr-<Optimizer>`
+  (`saelab.lit.learning_rates`; `<name>/lr` per SAE of a multi-SAE fit), wherever a logger is.
 - **Top-activating contexts** (`contexts_table`): a `wandb.Table` with one row per (latent, context) whose
   context cell is HTML, each token shaded by the latent's activation on it (`context_html`).
 - **The exported SAE** (`log_export`): the export directory as a W&B `model` artifact of the stage's run;
@@ -61,13 +62,11 @@ def is_wandb(logger: Any) -> bool:
     return logger is not None and type(logger).__name__ == "WandbLogger"
 
 
-def fit_callbacks(settings: Mapping[str, Any], logger: Any, out_dir: Path) -> list[pl.Callback]:
-    """The dashboards' callbacks of one fit: the LR monitor where a logger is, and the density histograms
-    unless `settings["density_every"]` is 0. `settings` is the `dashboards:` config node (or {})."""
+def fit_callbacks(settings: Mapping[str, Any], out_dir: Path) -> list[pl.Callback]:
+    """The dashboards' callbacks of one fit: the density histograms unless `settings["density_every"]` is 0.
+    `settings` is the `dashboards:` config node (or {})."""
     s = DEFAULTS | dict(settings)
     found: list[pl.Callback] = []
-    if logger is not None:  # Lightning refuses a LearningRateMonitor on a Trainer without a logger
-        found.append(pl.callbacks.LearningRateMonitor(logging_interval="step"))
     if int(s["density_every"]) > 0:
         found.append(
             DensityHistograms(

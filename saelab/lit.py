@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.optim import Optimizer
 
 from saelab import health
 from saelab.eval.base import batch_acts
@@ -78,6 +79,20 @@ def log_scalars(module: pl.LightningModule, logs: Mapping[str, Tensor | float], 
     values = dict(zip(logs, torch.stack(flat).tolist()))
     for logger in module.loggers:
         logger.log_metrics(values, step=step)
+
+
+def learning_rates(optimizer: Optimizer) -> dict[str, float]:
+    """The rate the next update of each of `optimizer`'s parameter groups uses, under the names Lightning's
+    `LearningRateMonitor` gives them: `lr-<Optimizer>`, or `lr-<Optimizer>/<group name or pg<i>>` (i from 1)
+    where there are several groups.
+
+    `LitSAE` logs these with the step's other scalars (`log_scalars`) instead of through that callback,
+    which runs on every step and, with W&B, makes each logged step a second history row.
+    """
+    name, groups = f"lr-{type(optimizer).__name__}", optimizer.param_groups
+    if len(groups) == 1:
+        return {name: float(groups[0]["lr"])}
+    return {f"{name}/{g.get('name', f'pg{i}')}": float(g["lr"]) for i, g in enumerate(groups, start=1)}
 
 
 class LitSAE(pl.LightningModule):
@@ -140,7 +155,7 @@ class LitSAE(pl.LightningModule):
         step = self.global_step
         loss, logs = self.train_step(x, step)
         if step % self.log_every == 0:
-            log_scalars(self, logs, step)
+            log_scalars(self, logs | learning_rates(self.trainer.optimizers[0]), step)
         self.bar_metrics = {"loss": logs["loss/total"]}
         return loss
 

@@ -372,8 +372,8 @@ def run_trainer(
         *progress_bar(stage, cfg.trainer.get("enable_progress_bar", True)),
     ]
     logger = make_logger(cfg, run_dir, stage, start=False)
-    if dashboards_on:  # density histograms, the LR monitor
-        callbacks += dashboards.fit_callbacks(cfg.get("dashboards") or {}, logger, run_dir / stage)
+    if dashboards_on:  # the density histograms
+        callbacks += dashboards.fit_callbacks(cfg.get("dashboards") or {}, run_dir / stage)
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),

@@ -205,7 +205,7 @@ def test_other_loggers_get_the_heatmap_and_no_wandb(tmp_path, logger):
     assert res.trainer.global_step == 10
     assert json.loads((tmp_path / "train/density_over_training.json").read_text())["steps"] == [4, 8, 10]
     assert not (tmp_path / "wandb").exists()
-    if logger == "csv":  # the LR monitor logs wherever a logger is
+    if logger == "csv":  # the learning rate is logged wherever a logger is
         (metrics,) = tmp_path.glob("csv/train/version_*/metrics.csv")
         assert "lr-Adam" in metrics.read_text().splitlines()[0]
 

@@ -41,7 +41,7 @@ def test_fit_shows_one_bar_of_steps_out_of_max_steps(tmp_path, capsys):
 
 def test_training_scalars_are_logged_at_the_step_that_computed_them(tmp_path):
     """`log_scalars` sends a step's scalars to the logger under that step (0, log_every, 2·log_every, …),
-    with the loss the step returned; the LR monitor and validation still log through Lightning."""
+    with the loss the step returned; validation still logs through Lightning."""
     losses: dict[int, float] = {}
 
     class Record(pl.Callback):
@@ -61,7 +61,12 @@ def test_training_scalars_are_logged_at_the_step_that_computed_them(tmp_path):
         for r in rows
         if "loss/total" in r
     )
-    assert any("lr-Adam" in r for r in rows) and any("val/explained_variance" in r for r in rows)
+    # the rate each logged step's update used, in the same row: warm-up (s + 1) / 20 of 3e-3, then 3e-3 until
+    # the decay over the last fifth (steps 20-24) scales it by (25 - s) / 5
+    rates = {int(r["step"]): float(r["lr-Adam"]) for r in rows if "loss/total" in r}
+    assert rates == pytest.approx({0: 3e-3 / 20, 10: 3e-3 * 11 / 20, 20: 3e-3 * 5 / 5})
+    assert not any("lr-Adam" in r and "loss/total" not in r for r in rows)  # no row of its own
+    assert any("val/explained_variance" in r for r in rows)
 
 
 class _Host(pl.LightningModule):
@@ -137,3 +142,22 @@ def test_cli_run_prints_a_step_bar_one_wandb_line_and_titled_tables(tmp_path):
     assert "sae.activation.k=4" in lines[0] and "run_dir" not in lines[0] and "logger" not in lines[0]
     assert "anonymous" not in text
     assert "# saelab run: wb\n\n## Metrics\n| metric | value |" in p.stdout
+
+
+def test_learning_rates_are_named_as_lightnings_lr_monitor_names_them():
+    from collections import defaultdict
+
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    from saelab.lit import learning_rates
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    one = torch.optim.Adam([a], lr=0.5)
+    groups = torch.optim.SGD(
+        [{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2, "name": "enc"}, {"params": [c]}], lr=0.3
+    )
+    assert learning_rates(one) == {"lr-Adam": 0.5}
+    assert learning_rates(groups) == {"lr-SGD/pg1": 0.1, "lr-SGD/enc": 0.2, "lr-SGD/pg3": 0.3}
+    for opt in (one, groups):  # the callback's own names for the same optimiser
+        names, _ = LearningRateMonitor()._find_names_from_optimizers([opt], [], defaultdict(int))
+        assert list(learning_rates(opt)) == names[0]

@@ -251,7 +251,7 @@ def fit_many(
         lits[name] = build_lit(c, sae)
         health.before_fit(lits[name])
     lit = LitMultiSAE(lits)
-    # no dashboards: the density heatmap and the LR monitor are keyed by the run (each SAE logs <name>/lr)
+    # no dashboards: the density heatmap is keyed by the run (each SAE logs <name>/lr with its scalars)
     members_in_ckpt = _MemberConfigsInCheckpoint({name: plain(c) for name, c in members.items()})
     trainer, logger, seconds = run_trainer(
         base, run_dir, stage, lit, dm, ckpt_path, extra_callbacks=(members_in_ckpt,), dashboards_on=False
