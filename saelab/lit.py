@@ -155,7 +155,7 @@ class LitSAE(pl.LightningModule):
         step = self.global_step
         loss, logs = self.train_step(x, step)
         if step % self.log_every == 0:
-            log_scalars(self, logs | learning_rates(self.trainer.optimizers[0]), step)
+            log_scalars(self, {**logs, **learning_rates(self.trainer.optimizers[0])}, step)
         self.bar_metrics = {"loss": logs["loss/total"]}
         return loss
 
