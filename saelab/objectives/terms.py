@@ -20,10 +20,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from saelab.kernels import LOW_PRECISION, fast_bf16, no_autocast, sparse_decode, topk_indices
+from saelab.kernels import _BITS_AS_INT, LOW_PRECISION, fast_bf16, no_autocast, sparse_decode, topk_indices
 from saelab.types import SAELike, SAEOutput, TrainState
 
 
@@ -227,27 +227,31 @@ def most_similar(
 ) -> Int[Tensor, " c"]:
     """Each row's most similar other row: argmax_{j≠i} (Wn Wnᵀ)_ij (|·| if `absolute`), smallest j on ties.
 
-    `Wn` has rows of norm ≤ 1 (normalised decoder rows), so the entries are cosines.
-    The Gram matrix is formed `block` rows at a time (default: 2²⁵ entries, so few blocks, each a few
-    dozen small ops, whatever c is) and never kept whole. In fp32 this is the plain
-    argmax. In bf16 every entry is within 3u of the exact value (see `_BF16_MARGIN`), so the argmax is
-    among the entries within 8u of the row's bf16 maximum: those few are recomputed in fp32 (a sampled
-    product, as in the sparse decoder's backward) and the largest taken, which is the fp32 argmax.
-    To find them without a pass over every entry, each row of G is cut into `w` interleaved tiles
-    (columns t, t + n_t, t + 2n_t, …), whose maxima are one elementwise max over w contiguous slices.
+    `Wn` has rows of norm ≤ 1 (normalised decoder rows), so the entries are cosines. The Gram matrix is
+    formed `block` rows at a time and never kept whole. In fp32 this is the plain argmax
+    (`_most_similar_fp32`). In bf16 (`_most_similar_bf16`) every entry is within 3u of the exact value (see
+    `_BF16_MARGIN`), so the argmax is among the entries within 8u of the row's bf16 maximum: those few are
+    recomputed in fp32 (a sampled product, as in the sparse decoder's backward) and the largest taken,
+    which is the fp32 argmax.
     """
+    if gram_dtype == torch.float32:
+        return _most_similar_fp32(Wn, absolute, block)
+    return _most_similar_bf16(Wn, absolute, gram_dtype, block)
+
+
+def _most_similar_fp32(Wn: Tensor, absolute: bool, block: int | None) -> Tensor:
+    """`most_similar` in fp32: each block of rows against all rows (default 2²⁵ entries a block). To find
+    each row's maximum without a second pass over every entry, each row of G is cut into `w` interleaved
+    tiles (columns t, t + n_t, t + 2n_t, …), whose maxima are one elementwise max over w contiguous slices."""
     c, d = Wn.shape
-    exact = gram_dtype == torch.float32
-    margin = 0.0 if exact else _BF16_MARGIN
     w = min(64, c)
     n_t = -(-c // w)  # tiles per row; the columns are padded to w·n_t
-    Wg = torch.cat([Wn, Wn.new_zeros(w * n_t - c, d)]).to(gram_dtype)  # (w·n_t, d)
+    Wg = torch.cat([Wn, Wn.new_zeros(w * n_t - c, d)])  # (w·n_t, d)
     out = torch.empty(c, dtype=torch.long, device=Wn.device)
     block = block or max(1, 2**25 // (w * n_t))
     for r0 in range(0, c, block):
         b = min(block, c - r0)
-        # autocast off: the product is in `gram_dtype` whatever a caller's autocast (bf16-mixed) says
-        with _fp32_accumulation(Wn.device), no_autocast(Wn.device):
+        with no_autocast(Wn.device):  # the product in fp32 whatever a caller's autocast (bf16-mixed) says
             G = Wg[r0 : r0 + b] @ Wg.t()  # (b, w·n_t) cosines of this block's rows with the whole chunk
         if absolute:
             G.abs_()
@@ -255,30 +259,92 @@ def most_similar(
         G[:, c:] = -math.inf  # the padding
         tiles = G.view(b, w, n_t)  # tiles[r, s, t] = G[r, s·n_t + t]
         tile_max = tiles.amax(1)  # (b, n_t)
-        thr = tile_max.amax(1).float() - margin  # (b,) the candidates' floor
-        rr, tt = (tile_max.float() >= thr[:, None]).nonzero(as_tuple=True)  # candidate tiles
-        pr, ps = (tiles[rr, :, tt].float() >= thr[rr, None]).nonzero(as_tuple=True)  # (P,) entries
+        thr = tile_max.amax(1)  # (b,) each row's maximum
+        rr, tt = (tile_max >= thr[:, None]).nonzero(as_tuple=True)  # tiles holding it
+        pr, ps = (tiles[rr, :, tt] >= thr[rr, None]).nonzero(as_tuple=True)
         rows, cols = rr[pr], ps * n_t + tt[pr]
-        if exact:
-            vals = G[rows, cols]  # exactly the row maxima
-        else:
-            # rows come sorted (nonzero is row-major); cuSPARSE also wants the columns sorted within a row
-            if Wn.device.type == "cuda":
-                key = torch.sort(rows * c + cols).values
-                rows, cols = key // c, key % c
-            counts = torch.bincount(rows, minlength=b)
-            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, cols, Wn.new_zeros(cols.numel()), size=(b, c))
-            vals = torch.sparse.sampled_addmm(pattern, Wn[r0 : r0 + b], Wn.t(), beta=0.0).values()
-            if absolute:
-                vals = vals.abs()
-        best = vals.new_full((b,), -math.inf).scatter_reduce(0, rows, vals, "amax")
-        win = vals >= best[rows]
         j = torch.full((b,), c, dtype=torch.long, device=Wn.device)
-        out[r0 : r0 + b] = j.scatter_reduce(0, rows[win], cols[win], "amin")
-    return out.clamp_(max=c - 1)  # only a NaN row has no candidate; its loss is NaN and reported as such
+        out[r0 : r0 + b] = j.scatter_reduce(0, rows, cols, "amin")
+    return out.clamp_(max=c - 1)  # only a NaN row has no maximum; its loss is NaN and reported as such
+
+
+def _most_similar_bf16(Wn: Tensor, absolute: bool, gram_dtype: torch.dtype, block: int | None) -> Tensor:
+    """`most_similar` from a bf16 Gram matrix, each pair {i, j} computed once (G is symmetric).
+
+    Block a (rows r0 … r0 + b) is multiplied with the rows from r0 on only: its own square above the
+    diagonal and everything right of it, about half of the whole product over all blocks. Its row maxima
+    complete the maxima M_i of its own rows (their entries left of r0 came as columns of earlier blocks);
+    its column maxima raise the running maxima of the later rows. An entry is kept as a candidate of row i
+    (and of row j: the same value) if it is at least the row's running maximum − margin when the block is
+    formed. Running maxima only grow, so that keeps every entry within the margin of the final M_i; the
+    final M_i then sorts out the few that are not. Comparisons run on the bf16 bit patterns as int16 (the
+    float order for non-negative values, and twice as fast here): a row whose maximum is negative (int
+    order reversed) gets the floor −∞, which keeps all its entries. Candidates are then recomputed in fp32.
+    """
+    c, _ = Wn.shape
+    dev = Wn.device
+    Wg = Wn.to(gram_dtype)
+    bits = _BITS_AS_INT[gram_dtype]
+    floor_bits = torch.iinfo(bits).min
+    block = block or max(1, min(1024, 2**25 // c))
+    best = torch.full((c,), -math.inf, device=dev)  # running row maxima of the bf16 Gram entries (as fp32)
+    found: list[tuple[Tensor, Tensor, Tensor]] = []
+    for r0 in range(0, c, block):
+        b = min(block, c - r0)
+        with _fp32_accumulation(dev), no_autocast(dev):
+            G = Wg[r0 : r0 + b] @ Wg[r0:].t()  # (b, c − r0): this block's rows against rows r0 on
+        if absolute:
+            G.abs_()
+        Gi = G.view(bits)
+        Gi[:, :b].masked_fill_(torch.ones(b, b, dtype=torch.bool, device=dev).tril_(), floor_bits)  # j > i
+        for peak in (Gi.amax(0), Gi.amax(1)):  # columns (rows r0 on), rows (this block's), as int
+            val = torch.where(peak >= 0, peak.view(gram_dtype).float(), -math.inf)
+            best[r0 : r0 + val.numel()] = torch.maximum(best[r0 : r0 + val.numel()], val)
+        thr = _floor_bits(best[r0:] - _BF16_MARGIN, gram_dtype, floor_bits)  # (c − r0,) as int
+        i, j = _nonzero(Gi >= torch.minimum(thr[None, :], thr[:b, None]))
+        keep = j > i  # the masked entries pass where a floor is −∞
+        i, j = i[keep], j[keep]
+        found.append((i + r0, j + r0, G[i, j].float()))
+    i, j, v = (torch.cat(t) for t in zip(*found))
+    rows, cols, vals = torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])
+    near = vals >= best[rows] - _BF16_MARGIN
+    key = torch.sort(rows[near] * c + cols[near]).values  # CSR order (cuSPARSE wants columns sorted too)
+    rows, cols = key // c, key % c
+    counts = torch.bincount(rows, minlength=c)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, Wn.new_zeros(cols.numel()), size=(c, c))
+    exact = torch.sparse.sampled_addmm(pattern, Wn, Wn.t(), beta=0.0).values()
+    if absolute:
+        exact = exact.abs()
+    top = exact.new_full((c,), -math.inf).scatter_reduce(0, rows, exact, "amax")
+    win = exact >= top[rows]
+    out = torch.full((c,), c, dtype=torch.long, device=dev)
+    return out.scatter_reduce(0, rows[win], cols[win], "amin").clamp_(max=c - 1)  # a NaN row: see above
+
+
+def _floor_bits(thr: Tensor, dtype: torch.dtype, floor_bits: int) -> Tensor:
+    """Int bit patterns t with float(t) ≤ thr: thr rounded down to `dtype`; the int minimum (every entry
+    passes) where thr is not positive, since the int order is the float order only for non-negative floats;
+    the int maximum (none passes) where thr is NaN (a NaN row, whose loss is NaN and reported as such)."""
+    t = thr.to(dtype)
+    t = torch.where(t.float() > thr, torch.nextafter(t, t.new_full((), -math.inf)), t)
+    bits = t.view(_BITS_AS_INT[dtype])
+    none = torch.full_like(bits, torch.iinfo(bits.dtype).max)
+    return torch.where(thr > 0, bits, torch.where(thr.isnan(), none, torch.full_like(bits, floor_bits)))
+
+
+def _nonzero(mask: Bool[Tensor, "b n"]) -> tuple[Tensor, Tensor]:
+    """`mask.nonzero(as_tuple=True)` for a sparse mask: the bytes are scanned 8 at a time as int64 words,
+    and only the words that are not zero are looked at byte by byte."""
+    b, n = mask.shape
+    flat = mask.reshape(-1)
+    n8 = flat.numel() // 8 * 8
+    words = flat[:n8].view(torch.int64).nonzero().squeeze(1)
+    pos = (words[:, None] * 8 + torch.arange(8, device=mask.device)).reshape(-1)
+    pos = torch.cat([pos[flat[pos]], n8 + flat[n8:].nonzero().squeeze(1)])
+    return pos // n, pos % n
 
 
 class Ortho(Term):

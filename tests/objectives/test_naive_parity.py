@@ -116,6 +116,25 @@ def test_most_similar_in_bf16_on_random_decoders():
         assert torch.equal(most_similar(Wn, False, torch.bfloat16, block=256), C.argmax(1))
 
 
+@pytest.mark.parametrize("block", [None, 100, 4096])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_most_similar_each_pair_once_against_the_float64_argmax(block, absolute):
+    """The bf16 path forms each pair's cosine once (block a against rows from a's first on): blocks that do
+    not divide the rows, one block for all, and the default, against the float64 argmax; rows whose best
+    cosine is negative (the bit-pattern comparison is then off) in the last case."""
+    for seed, (c, d) in enumerate([(999, 17), (1000, 32)]):
+        Wn = _decoder(c, d, seed)
+        Wn = Wn / Wn.norm(dim=1, keepdim=True)
+        C = Wn.double() @ Wn.double().t()
+        C = C.abs() if absolute else C
+        C.fill_diagonal_(-math.inf)
+        assert torch.equal(most_similar(Wn, absolute, torch.bfloat16, block=block), C.argmax(1))
+    # 0 and 1 opposite, 2 near 1: row 0's best cosine is negative; with |·| row 2 ties 0 and 1 (the smaller)
+    Wn = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-0.9, -0.1]]), dim=1)
+    want = [1, 0, 0] if absolute else [2, 2, 1]
+    assert most_similar(Wn, absolute, torch.bfloat16, block=block).tolist() == want
+
+
 def test_ortho_rejects_an_unknown_gram_dtype():
     with pytest.raises(ValueError, match="gram_dtype"):
         Ortho(gram_dtype="float16")
