@@ -96,6 +96,7 @@ RESUMABLE = (
     "optimized_metric",
     "lit.log_every",
     "lit.on_degenerate",
+    "lit.compile",
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",

@@ -81,6 +81,24 @@ def log_scalars(module: pl.LightningModule, logs: Mapping[str, Tensor | float], 
         logger.log_metrics(values, step=step)
 
 
+def compile_backend(setting: bool | str | None) -> str | None:
+    """The `torch.compile` backend `lit.compile` asks for: None (eager) for false, "inductor" for true, else
+    the backend named, which must be one torch knows."""
+    if setting is None or setting is False or str(setting).lower() in ("false", "none", "off"):
+        return None
+    if setting is True or str(setting).lower() in ("true", "on"):
+        return "inductor"
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if setting not in known:
+        raise ValueError(
+            f"lit.compile={setting!r} is not a torch.compile backend: use false, true (inductor) or one of "
+            f"{', '.join(sorted(known))}."
+        )
+    return str(setting)
+
+
 def learning_rates(optimizer: Optimizer) -> dict[str, float]:
     """The rate the next update of each of `optimizer`'s parameter groups uses, under the names Lightning's
     `LearningRateMonitor` gives them: `lr-<Optimizer>`, or `lr-<Optimizer>/<group name or pg<i>>` (i from 1)
@@ -108,6 +126,8 @@ class LitSAE(pl.LightningModule):
         seed: seeds the per-step randomness of loss terms (random chunks, prefixes).
         log_every: log training scalars every n steps.
         on_degenerate: "warn" or "stop" when the run diverges or cannot become sparse (`saelab.health`).
+        compile: run the SAE's forward through `torch.compile` (True: the inductor backend; or a backend's
+            name, e.g. "aot_eager"); False runs it eagerly. See `compiled_forward`.
     """
 
     sae: SAE | ResidualSAE
@@ -124,9 +144,14 @@ class LitSAE(pl.LightningModule):
         seed: int = 0,
         log_every: int = 10,
         on_degenerate: str = "warn",
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.sae, self.objective = sae, objective
+        self.compile_backend = compile_backend(compile)
+        self._compiled: Callable | None = (
+            None  # built at the first forward (a function: not in the state dict)
+        )
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.dead_window_tokens, self.seed, self.log_every = (
             int(dead_window_tokens),
@@ -147,6 +172,14 @@ class LitSAE(pl.LightningModule):
         self.health_warnings: list[str] = []  # what `saelab.health` flagged in this fit, for the report
 
     # ------------------------------------------------------------------ training
+    def forward_sae(self, x: Tensor) -> SAEOutput:
+        """`self.sae(x)`, through `torch.compile` when the module was built with `compile`."""
+        if self.compile_backend is None:
+            return self.sae(x)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.sae.forward, backend=self.compile_backend)
+        return self._compiled(x)
+
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_window_tokens
 
@@ -170,7 +203,7 @@ class LitSAE(pl.LightningModule):
         if step == 0:
             self._init_b_dec(x)
         state = TrainState(step=step, seed=self.seed, dead_mask=self.dead_mask())
-        out: SAEOutput = self.sae(x)
+        out: SAEOutput = self.forward_sae(x)
         if _distributed():
             self._average_buffers()
         loss, logs = self.objective(out, self.sae, state)
@@ -252,7 +285,7 @@ class LitSAE(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx: int) -> None:
         x = batch_acts(batch)
-        out: SAEOutput = self.sae(x)
+        out: SAEOutput = self.forward_sae(x)
         self.val_l0.update(out.l0)
         self.val_ev.update(out.x, out.x_hat)
         self.val_silent.update(self._fired_counts(out), x.shape[0])

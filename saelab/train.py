@@ -191,6 +191,7 @@ def build_lit(cfg: DictConfig, sae) -> LitSAE:
         seed=cfg.seed,
         log_every=cfg.lit.log_every,
         on_degenerate=cfg.lit.get("on_degenerate", "warn"),
+        compile=cfg.lit.get("compile", False),
     )
 
 
