@@ -127,7 +127,7 @@ class LitSAE(pl.LightningModule):
         log_every: log training scalars every n steps.
         on_degenerate: "warn" or "stop" when the run diverges or cannot become sparse (`saelab.health`).
         compile: run the SAE's forward through `torch.compile` (True: the inductor backend; or a backend's
-            name, e.g. "aot_eager"); False runs it eagerly. See `compiled_forward`.
+            name, e.g. "aot_eager"); False runs it eagerly. See `forward_sae`.
     """
 
     sae: SAE | ResidualSAE
@@ -149,9 +149,8 @@ class LitSAE(pl.LightningModule):
         super().__init__()
         self.sae, self.objective = sae, objective
         self.compile_backend = compile_backend(compile)
-        self._compiled: Callable | None = (
-            None  # built at the first forward (a function: not in the state dict)
-        )
+        # built at the first forward; a function, not a module, so not in the state dict
+        self._compiled: Callable | None = None
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.dead_window_tokens, self.seed, self.log_every = (
             int(dead_window_tokens),

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from saelab.kernels import _BITS_AS_INT, LOW_PRECISION, fast_bf16, no_autocast, sparse_decode, topk_indices
+from saelab.kernels import (
+    _BITS_AS_INT,
+    LOW_PRECISION,
+    _csr,
+    fast_bf16,
+    no_autocast,
+    sparse_decode,
+    topk_indices,
+)
 from saelab.types import SAELike, SAEOutput, TrainState
 
 
@@ -285,7 +292,6 @@ def _most_similar_bf16(Wn: Tensor, absolute: bool, gram_dtype: torch.dtype, bloc
     dev = Wn.device
     Wg = Wn.to(gram_dtype)
     bits = _BITS_AS_INT[gram_dtype]
-    floor_bits = torch.iinfo(bits).min
     block = block or max(1, min(1024, 2**25 // c))
     best = torch.full((c,), -math.inf, device=dev)  # running row maxima of the bf16 Gram entries (as fp32)
     found: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -296,11 +302,12 @@ def _most_similar_bf16(Wn: Tensor, absolute: bool, gram_dtype: torch.dtype, bloc
         if absolute:
             G.abs_()
         Gi = G.view(bits)
-        Gi[:, :b].masked_fill_(torch.ones(b, b, dtype=torch.bool, device=dev).tril_(), floor_bits)  # j > i
+        lower = torch.ones(b, b, dtype=torch.bool, device=dev).tril_()
+        Gi[:, :b].masked_fill_(lower, torch.iinfo(bits).min)  # only j > i in the block's own square
         for peak in (Gi.amax(0), Gi.amax(1)):  # columns (rows r0 on), rows (this block's), as int
             val = torch.where(peak >= 0, peak.view(gram_dtype).float(), -math.inf)
             best[r0 : r0 + val.numel()] = torch.maximum(best[r0 : r0 + val.numel()], val)
-        thr = _floor_bits(best[r0:] - _BF16_MARGIN, gram_dtype, floor_bits)  # (c − r0,) as int
+        thr = _floor_bits(best[r0:] - _BF16_MARGIN, gram_dtype)  # (c − r0,) as int
         i, j = _nonzero(Gi >= torch.minimum(thr[None, :], thr[:b, None]))
         keep = j > i  # the masked entries pass where a floor is −∞
         i, j = i[keep], j[keep]
@@ -312,9 +319,7 @@ def _most_similar_bf16(Wn: Tensor, absolute: bool, gram_dtype: torch.dtype, bloc
     rows, cols = key // c, key % c
     counts = torch.bincount(rows, minlength=c)
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols, Wn.new_zeros(cols.numel()), size=(c, c))
+    pattern = _csr(crow, cols, Wn.new_zeros(cols.numel()), (c, c))
     exact = torch.sparse.sampled_addmm(pattern, Wn, Wn.t(), beta=0.0).values()
     if absolute:
         exact = exact.abs()
@@ -324,15 +329,16 @@ def _most_similar_bf16(Wn: Tensor, absolute: bool, gram_dtype: torch.dtype, bloc
     return out.scatter_reduce(0, rows[win], cols[win], "amin").clamp_(max=c - 1)  # a NaN row: see above
 
 
-def _floor_bits(thr: Tensor, dtype: torch.dtype, floor_bits: int) -> Tensor:
+def _floor_bits(thr: Tensor, dtype: torch.dtype) -> Tensor:
     """Int bit patterns t with float(t) ≤ thr: thr rounded down to `dtype`; the int minimum (every entry
     passes) where thr is not positive, since the int order is the float order only for non-negative floats;
     the int maximum (none passes) where thr is NaN (a NaN row, whose loss is NaN and reported as such)."""
     t = thr.to(dtype)
     t = torch.where(t.float() > thr, torch.nextafter(t, t.new_full((), -math.inf)), t)
     bits = t.view(_BITS_AS_INT[dtype])
-    none = torch.full_like(bits, torch.iinfo(bits.dtype).max)
-    return torch.where(thr > 0, bits, torch.where(thr.isnan(), none, torch.full_like(bits, floor_bits)))
+    info = torch.iinfo(bits.dtype)
+    none, every = torch.full_like(bits, info.max), torch.full_like(bits, info.min)
+    return torch.where(thr > 0, bits, torch.where(thr.isnan(), none, every))
 
 
 def _nonzero(mask: Bool[Tensor, "b n"]) -> tuple[Tensor, Tensor]:

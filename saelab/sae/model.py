@@ -129,9 +129,8 @@ class SAE(nn.Module):
         and sparsify's `F.linear`); otherwise the parameter dtype. For `latents` (AuxK's dead ones) the
         product is `kernels.ColumnEncode`'s: the same values, with a cheaper backward.
         """
-        if (
-            latents is not None
-        ):  # AuxK's dead latents: dense, with a gradient that skips a [batch, d_in] product
+        if latents is not None:
+            # AuxK's dead latents: dense, with a gradient that skips a [batch, d_in] product
             b_dec = self.b_dec if self.apply_b_dec_to_input else None
             mixed = autocast_on(x.device)
             dtype = torch.get_autocast_dtype(x.device.type) if mixed else self.W_enc.dtype
